@@ -1,0 +1,2 @@
+from ratchet._retry import Retry
+__all__ = ["Retry"]

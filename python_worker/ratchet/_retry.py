@@ -1,0 +1,55 @@
+"""Retry policies: how many attempts, and how long to wait between them.
+
+One policy type serves task attempts, step attempts and (later) fetch
+attempts, so the maths lives in one place and the coordinator uses the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+__all__ = ["Retry"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retry:
+    """A retry policy.
+
+    `max_attempts` includes the first attempt. The delay before attempt n+1 is
+    ``min(max_delay, min_delay * factor ** (n - 1))`` seconds, multiplied by a
+    random factor in [0.5, 1.5) when `jitter` is true (and still capped by
+    `max_delay`).
+    """
+
+    max_attempts: int = 3
+    factor: float = 2.0
+    min_delay: float = 1.0
+    max_delay: float = 60.0
+    jitter: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.factor < 1:
+            raise ValueError("factor must be at least 1")
+        if self.min_delay < 0 or self.max_delay < 0:
+            raise ValueError("delays must not be negative")
+        if self.max_delay < self.min_delay:
+            raise ValueError("max_delay must not be below min_delay")
+
+    def delay_after(self, attempt: int, *, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt `attempt` (1-based) before the next one."""
+        if attempt < 1:
+            raise ValueError("attempt is 1-based")
+        base = min(self.max_delay, self.min_delay * self.factor ** (attempt - 1))
+        if self.jitter:
+            base = min(self.max_delay, base * (0.5 + (rng or random).random()))
+        return base
+
+    def allows_another(self, attempts_made: int) -> bool:
+        """True if a further attempt is within the budget after `attempts_made` attempts."""
+        return attempts_made < self.max_attempts
+
+
+NO_RETRY = Retry(max_attempts=1, min_delay=0.0, max_delay=0.0)

@@ -1,0 +1,252 @@
+"""Domain objects shared by the engine and the stores.
+
+Frozen dataclasses and enums only: no protobuf, no SQL. JSON documents
+(payload, output, state, schemas) travel as UTF-8 `str` exactly as received,
+so nothing is re-encoded on the hot path. Times are POSIX seconds (float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+
+from ratchet import Retry
+
+
+class RunStatus(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    WAITING = "WAITING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+    EXPIRED = "EXPIRED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset(
+    {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED, RunStatus.EXPIRED,
+     RunStatus.TIMED_OUT}
+)
+
+
+class StepKind(enum.StrEnum):
+    RUN = "run"
+    SLEEP = "sleep"
+    TOKEN = "token"
+    CHILD = "child"
+    VALUE = "value"
+
+
+class StepStatus(enum.StrEnum):
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class StepEvent(enum.StrEnum):
+    STARTED = "started"
+    COMPLETED = "completed"
+    RETRYING = "retrying"
+    FAILED = "failed"
+
+
+class Role(enum.StrEnum):
+    CLIENT = "client"
+    WORKER = "worker"
+    ADMIN = "admin"
+
+
+class EventType(enum.StrEnum):
+    """Entries of the append-only run history (DESIGN §3)."""
+
+    TRIGGERED = "triggered"
+    LEASED = "leased"
+    LEASE_ADOPTED = "lease_adopted"
+    STEP_COMPLETED = "step_completed"
+    STEP_FAILED = "step_failed"
+    STEP_RETRYING = "step_retrying"
+    RETRY_SCHEDULED = "retry_scheduled"
+    LEASE_LOST = "lease_lost"
+    LEASE_RELEASED = "lease_released"
+    FINISHED = "finished"
+    CANCELED = "canceled"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    type: str
+    message: str
+    stack: str = ""
+    non_retryable: bool = False
+    step_key: str = ""
+    attempt: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    env: str
+    role: Role
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskDef:
+    env: str
+    id: str
+    version: str
+    queue: str
+    retry: Retry
+    payload_schema: str | None
+    output_schema: str | None
+    max_duration: float | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewRun:
+    """A run to create; the engine has validated everything in it."""
+
+    id: str
+    env: str
+    task_id: str
+    payload: str
+    queue: str
+    retry: Retry
+    priority: int = 0
+    run_at: float = 0.0
+    idempotency_key: str | None = None
+    idempotency_expires_at: float | None = None
+    concurrency_key: str | None = None
+    tags: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    parent_run_id: str | None = None
+    ttl: float | None = None
+    max_duration: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Run:
+    id: str
+    env: str
+    task_id: str
+    status: RunStatus
+    attempt: int
+    payload: str
+    output: str | None
+    error: ErrorInfo | None
+    queue: str
+    priority: int
+    retry: Retry
+    run_at: float
+    idempotency_key: str | None
+    concurrency_key: str | None
+    tags: tuple[str, ...]
+    metadata: Mapping[str, str]
+    parent_run_id: str | None
+    state: str | None
+    lease_id: str | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Step:
+    run_id: str
+    key: str
+    kind: StepKind
+    status: StepStatus
+    attempts: int
+    retry_base: int
+    output: str | None
+    error: ErrorInfo | None
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeasedRun:
+    """A run just leased, with the snapshot a worker needs to continue it."""
+
+    run: Run
+    steps: tuple[Step, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeaseRef:
+    run_id: str
+    lease_id: str
+    attempt: int
+    retry: Retry
+    lease_owner: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    run_id: str
+    type: EventType
+    at: float
+    attempt: int = 0
+    lease_id: str | None = None
+    step_key: str | None = None
+    data: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunFilter:
+    env: str
+    statuses: tuple[RunStatus, ...] = ()
+    task_id: str | None = None
+    tag: str | None = None
+
+
+# Fenced writes. Each names the lease it was made under; the store applies it
+# only while that lease is current (run RUNNING with that lease id), and
+# reports per write whether it was applied. Many are applied in one
+# transaction (group commit).
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepWrite:
+    """Record a step event under a lease (and optionally the new state)."""
+
+    run_id: str
+    lease_id: str
+    key: str
+    kind: StepKind
+    status: StepStatus
+    attempt: int
+    retry_base: int
+    output: str | None
+    error: ErrorInfo | None
+    started_at: float | None
+    finished_at: float | None
+    state: str | None
+    event: Event
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunTransition:
+    """Move a run out of RUNNING under a lease (finish, retry, requeue)."""
+
+    run_id: str
+    lease_id: str
+    status: RunStatus
+    event: Event
+    output: str | None = None
+    error: ErrorInfo | None = None
+    state: str | None = None
+    run_at: float | None = None
+    # A released lease does not count as an attempt: the next lease reuses it.
+    refund_attempt: bool = False
+
+
+FencedWrite = StepWrite | RunTransition

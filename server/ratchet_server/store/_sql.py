@@ -1,0 +1,529 @@
+"""The SQL both stores share, and the transaction functions that run it.
+
+Queries are written once with `:name` parameters (sqlite3's style); the
+Postgres store rewrites them to psycopg's `%(name)s` when it loads. The few
+that differ between the dialects (set membership, row locking) come from a
+`Dialect`. Every transaction function takes a DB-API connection whose rows
+can be indexed by column name and runs inside a transaction opened by the
+store; none of them owns a rule: they store what the engine decided.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from ratchet import Retry
+from ratchet_server import model
+
+_PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+
+
+def to_pyformat(sql: str) -> str:
+    """Rewrite `:name` parameters as psycopg's `%(name)s` (constant SQL only)."""
+    return _PARAM.sub(r"%(\1)s", sql)
+
+
+class Row(Protocol):
+    def __getitem__(self, key: str) -> Any: ...
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    def execute(self, sql: str, params: Mapping[str, Any] = ..., /) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Dialect:
+    """The dialect-specific pieces of SQL, and a parameter translator."""
+
+    name: str
+    # "column IN <this>" for a list parameter `:ids` passed via `in_param`.
+    in_list: str
+    # Row-locking clause for the ready-run selection.
+    skip_locked: str
+    translate: Any  # Callable[[str], str]
+
+    def in_param(self, values: Sequence[str]) -> Any:
+        return list(values) if self.name == "postgres" else json.dumps(list(values))
+
+    def sql(self, text: str, **fragments: str) -> str:
+        return str(self.translate(text.format(**fragments)))
+
+
+SQLITE = Dialect(
+    name="sqlite",
+    in_list="(SELECT value FROM json_each({param}))",
+    skip_locked="",
+    translate=lambda s: s,
+)
+POSTGRES = Dialect(
+    name="postgres",
+    in_list="(SELECT unnest(CAST({param} AS text[])))",
+    skip_locked="FOR UPDATE SKIP LOCKED",
+    translate=to_pyformat,
+)
+
+
+# --- encoding helpers -------------------------------------------------------
+
+
+def retry_to_json(retry: Retry) -> str:
+    return json.dumps(dataclasses.asdict(retry), separators=(",", ":"))
+
+
+def retry_from_json(text: str) -> Retry:
+    return Retry(**json.loads(text))
+
+
+def error_to_json(error: model.ErrorInfo | None) -> str | None:
+    if error is None:
+        return None
+    return json.dumps(dataclasses.asdict(error), separators=(",", ":"))
+
+
+def error_from_json(text: str | None) -> model.ErrorInfo | None:
+    if not text:
+        return None
+    return model.ErrorInfo(**json.loads(text))
+
+
+def run_from_row(row: Row) -> model.Run:
+    return model.Run(
+        id=row["id"],
+        env=row["env"],
+        task_id=row["task_id"],
+        status=model.RunStatus(row["status"]),
+        attempt=row["attempt"],
+        payload=row["payload"],
+        output=row["output"],
+        error=error_from_json(row["error"]),
+        queue=row["queue"],
+        priority=row["priority"],
+        retry=retry_from_json(row["retry"]),
+        run_at=row["run_at"],
+        idempotency_key=row["idempotency_key"],
+        concurrency_key=row["concurrency_key"],
+        tags=tuple(json.loads(row["tags"])),
+        metadata=json.loads(row["metadata"]),
+        parent_run_id=row["parent_run_id"],
+        state=row["state"],
+        lease_id=row["lease_id"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+def step_from_row(row: Row) -> model.Step:
+    return model.Step(
+        run_id=row["run_id"],
+        key=row["key"],
+        kind=model.StepKind(row["kind"]),
+        status=model.StepStatus(row["status"]),
+        attempts=row["attempts"],
+        retry_base=row["retry_base"],
+        output=row["output"],
+        error=error_from_json(row["error"]),
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+def task_from_row(row: Row) -> model.TaskDef:
+    return model.TaskDef(
+        env=row["env"],
+        id=row["id"],
+        version=row["version"],
+        queue=row["queue"],
+        retry=retry_from_json(row["retry"]),
+        payload_schema=row["payload_schema"],
+        output_schema=row["output_schema"],
+        max_duration=row["max_duration"],
+    )
+
+
+# --- queries ------------------------------------------------------------------
+
+INSERT_API_KEY = """
+INSERT INTO api_keys (id, env, role, name, key_hash, created_at)
+VALUES (:id, :env, :role, :name, :key_hash, :now)
+"""
+
+SELECT_API_KEY = """
+SELECT id, env, role, name FROM api_keys WHERE key_hash = :key_hash AND revoked_at IS NULL
+"""
+
+UPSERT_TASK = """
+INSERT INTO tasks (env, id, version, queue, retry, payload_schema, output_schema, max_duration,
+                   updated_at)
+VALUES (:env, :id, :version, :queue, :retry, :payload_schema, :output_schema, :max_duration, :now)
+ON CONFLICT (env, id) DO UPDATE SET
+    version = excluded.version, queue = excluded.queue, retry = excluded.retry,
+    payload_schema = excluded.payload_schema, output_schema = excluded.output_schema,
+    max_duration = excluded.max_duration, updated_at = excluded.updated_at
+"""
+
+SELECT_TASK = "SELECT * FROM tasks WHERE env = :env AND id = :id"
+
+SELECT_RUN_BY_IDEMPOTENCY_KEY = """
+SELECT * FROM runs WHERE env = :env AND task_id = :task_id AND idempotency_key = :key
+"""
+
+FORGET_IDEMPOTENCY_KEY = """
+UPDATE runs SET idempotency_key = NULL
+WHERE env = :env AND task_id = :task_id AND idempotency_key = :key
+"""
+
+INSERT_RUN = """
+INSERT INTO runs (id, env, task_id, status, attempt, payload, queue, priority, retry, run_at,
+                  idempotency_key, idempotency_expires_at, concurrency_key, tags, metadata,
+                  parent_run_id, ttl, max_duration, created_at, updated_at)
+VALUES (:id, :env, :task_id, 'QUEUED', 0, :payload, :queue, :priority, :retry, :run_at,
+        :idempotency_key, :idempotency_expires_at, :concurrency_key, :tags, :metadata,
+        :parent_run_id, :ttl, :max_duration, :now, :now)
+ON CONFLICT DO NOTHING
+RETURNING *
+"""
+
+SELECT_RUN = "SELECT * FROM runs WHERE env = :env AND id = :id"
+SELECT_RUN_ANY_ENV = "SELECT * FROM runs WHERE id = :id"
+
+SELECT_STEPS = "SELECT * FROM steps WHERE run_id = :run_id ORDER BY created_at, key"
+
+SELECT_STEPS_OF = "SELECT * FROM steps WHERE run_id IN {ids} ORDER BY run_id, created_at, key"
+
+LEASE_READY = """
+UPDATE runs SET
+    status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || id,
+    lease_owner = :owner, lease_expires_at = :expires_at,
+    started_at = COALESCE(started_at, :now), updated_at = :now
+WHERE id IN (
+    SELECT id FROM runs
+    WHERE env = :env AND status = 'QUEUED' AND task_id IN {task_ids} AND run_at <= :now
+    ORDER BY priority DESC, run_at, id
+    LIMIT :limit
+    {skip_locked}
+)
+RETURNING *
+"""
+
+NEXT_RUN_AT = """
+SELECT MIN(run_at) AS next FROM runs
+WHERE env = :env AND status = 'QUEUED' AND task_id IN {task_ids}
+"""
+
+RENEW_LEASES = """
+UPDATE runs SET lease_expires_at = :expires_at
+WHERE lease_owner = :owner AND status = 'RUNNING'
+"""
+
+ADOPT_LEASES = """
+UPDATE runs SET lease_owner = :owner, lease_expires_at = :expires_at
+WHERE lease_id IN {lease_ids} AND status = 'RUNNING' AND env = :env
+RETURNING id, lease_id, attempt
+"""
+
+SELECT_EXPIRED_LEASES = """
+SELECT id, lease_id, attempt, retry, lease_owner FROM runs
+WHERE status = 'RUNNING' AND lease_expires_at < :now
+ORDER BY lease_expires_at
+LIMIT :limit
+"""
+
+SELECT_OWNED_LEASES = """
+SELECT id, lease_id, attempt, retry, lease_owner FROM runs
+WHERE status = 'RUNNING' AND lease_owner = :owner
+"""
+
+SELECT_LEASE = """
+SELECT id, lease_id, attempt, retry, lease_owner FROM runs
+WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
+"""
+
+FENCE_RUN_STATE = """
+UPDATE runs SET state = COALESCE(:state, state), updated_at = :now
+WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
+"""
+
+UPSERT_STEP = """
+INSERT INTO steps (run_id, key, kind, status, attempts, retry_base, output, error, created_at,
+                   started_at, finished_at)
+VALUES (:run_id, :key, :kind, :status, :attempts, :retry_base, :output, :error, :now,
+        :started_at, :finished_at)
+ON CONFLICT (run_id, key) DO UPDATE SET
+    status = excluded.status,
+    attempts = CASE WHEN excluded.attempts > steps.attempts
+                    THEN excluded.attempts ELSE steps.attempts END,
+    retry_base = excluded.retry_base,
+    output = excluded.output,
+    error = COALESCE(excluded.error, steps.error),
+    started_at = COALESCE(steps.started_at, excluded.started_at),
+    finished_at = excluded.finished_at
+WHERE steps.status <> 'COMPLETED'
+"""
+
+TRANSITION_RUN = """
+UPDATE runs SET
+    status = :status,
+    output = COALESCE(:output, output),
+    error = COALESCE(:error, error),
+    state = COALESCE(:state, state),
+    run_at = COALESCE(:run_at, run_at),
+    attempt = attempt - :refund,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    finished_at = :finished_at,
+    updated_at = :now
+WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
+"""
+
+CANCEL_RUN = """
+UPDATE runs SET status = 'CANCELED', finished_at = :now, lease_expires_at = NULL,
+                updated_at = :now
+WHERE env = :env AND id = :id AND status IN ('QUEUED', 'RUNNING', 'WAITING')
+RETURNING *
+"""
+
+INSERT_EVENT = """
+INSERT INTO run_events (run_id, at, type, attempt, lease_id, step_key, data)
+VALUES (:run_id, :at, :type, :attempt, :lease_id, :step_key, :data)
+"""
+
+SELECT_EVENTS = "SELECT * FROM run_events WHERE run_id = :run_id ORDER BY id"
+
+LIST_RUNS = """
+SELECT * FROM runs
+WHERE env = :env {filters}
+ORDER BY created_at DESC, id DESC
+LIMIT :limit
+"""
+
+LIST_FILTER_STATUS = "AND status IN {statuses}"
+LIST_FILTER_TASK = "AND task_id = :task_id"
+LIST_FILTER_TAG_SQLITE = "AND EXISTS (SELECT 1 FROM json_each(runs.tags) WHERE value = :tag)"
+LIST_FILTER_TAG_POSTGRES = "AND CAST(runs.tags AS jsonb) ? :tag"
+LIST_FILTER_CURSOR = "AND (created_at < :c_at OR (created_at = :c_at AND id < :c_id))"
+
+
+# --- transaction functions ----------------------------------------------------
+
+
+def event_params(event: model.Event) -> dict[str, Any]:
+    return {
+        "run_id": event.run_id,
+        "at": event.at,
+        "type": event.type.value,
+        "attempt": event.attempt,
+        "lease_id": event.lease_id,
+        "step_key": event.step_key,
+        "data": event.data,
+    }
+
+
+def insert_events_txn(conn: Connection, d: Dialect, events: Iterable[model.Event]) -> None:
+    sql = d.sql(INSERT_EVENT)
+    for event in events:
+        conn.execute(sql, event_params(event))
+
+
+def create_runs_txn(
+    conn: Connection, d: Dialect, runs: Sequence[model.NewRun], now: float
+) -> list[tuple[model.Run, bool]]:
+    results: list[tuple[model.Run, bool]] = []
+    for new in runs:
+        if new.idempotency_key is not None:
+            key = {"env": new.env, "task_id": new.task_id, "key": new.idempotency_key}
+            row = conn.execute(d.sql(SELECT_RUN_BY_IDEMPOTENCY_KEY), key).fetchone()
+            if row is not None:
+                expires = row["idempotency_expires_at"]
+                if expires is None or expires > now:
+                    results.append((run_from_row(row), False))
+                    continue
+                conn.execute(d.sql(FORGET_IDEMPOTENCY_KEY), key)
+        params = {
+            "id": new.id,
+            "env": new.env,
+            "task_id": new.task_id,
+            "payload": new.payload,
+            "queue": new.queue,
+            "priority": new.priority,
+            "retry": retry_to_json(new.retry),
+            "run_at": new.run_at,
+            "idempotency_key": new.idempotency_key,
+            "idempotency_expires_at": new.idempotency_expires_at,
+            "concurrency_key": new.concurrency_key,
+            "tags": json.dumps(list(new.tags)),
+            "metadata": json.dumps(dict(new.metadata)),
+            "parent_run_id": new.parent_run_id,
+            "ttl": new.ttl,
+            "max_duration": new.max_duration,
+            "now": now,
+        }
+        row = conn.execute(d.sql(INSERT_RUN), params).fetchone()
+        if row is None:
+            # A concurrent trigger with the same idempotency key won the race.
+            key = {"env": new.env, "task_id": new.task_id, "key": new.idempotency_key}
+            row = conn.execute(d.sql(SELECT_RUN_BY_IDEMPOTENCY_KEY), key).fetchone()
+            results.append((run_from_row(row), False))
+            continue
+        results.append((run_from_row(row), True))
+        insert_events_txn(
+            conn, d, [model.Event(run_id=new.id, type=model.EventType.TRIGGERED, at=now)]
+        )
+    return results
+
+
+def lease_ready_txn(
+    conn: Connection,
+    d: Dialect,
+    *,
+    env: str,
+    task_ids: Sequence[str],
+    limit: int,
+    owner: str,
+    nonce: str,
+    now: float,
+    expires_at: float,
+) -> list[model.LeasedRun]:
+    sql = d.sql(LEASE_READY, task_ids=d.in_list.format(param=":task_ids"),
+                skip_locked=d.skip_locked)
+    rows = conn.execute(
+        sql,
+        {
+            "env": env,
+            "task_ids": d.in_param(task_ids),
+            "limit": limit,
+            "owner": owner,
+            "nonce": nonce,
+            "now": now,
+            "expires_at": expires_at,
+        },
+    ).fetchall()
+    if not rows:
+        return []
+    runs = sorted((run_from_row(r) for r in rows), key=lambda r: (-r.priority, r.run_at, r.id))
+    steps: dict[str, list[model.Step]] = {r.id: [] for r in runs}
+    step_rows = conn.execute(
+        d.sql(SELECT_STEPS_OF, ids=d.in_list.format(param=":ids")),
+        {"ids": d.in_param(list(steps))},
+    ).fetchall()
+    for row in step_rows:
+        steps[row["run_id"]].append(step_from_row(row))
+    insert_events_txn(
+        conn,
+        d,
+        (
+            model.Event(run_id=r.id, type=model.EventType.LEASED, at=now, attempt=r.attempt,
+                        lease_id=r.lease_id, data=json.dumps({"owner": owner}))
+            for r in runs
+        ),
+    )
+    return [model.LeasedRun(run=r, steps=tuple(steps[r.id])) for r in runs]
+
+
+def lease_ref_from_row(row: Row) -> model.LeaseRef:
+    return model.LeaseRef(
+        run_id=row["id"],
+        lease_id=row["lease_id"],
+        attempt=row["attempt"],
+        retry=retry_from_json(row["retry"]),
+        lease_owner=row["lease_owner"],
+    )
+
+
+def apply_writes_txn(
+    conn: Connection, d: Dialect, writes: Sequence[model.FencedWrite], now: float
+) -> list[bool]:
+    """Apply fenced writes in order; True for each one whose lease was current."""
+    applied: list[bool] = []
+    fence_sql = d.sql(FENCE_RUN_STATE)
+    step_sql = d.sql(UPSERT_STEP)
+    transition_sql = d.sql(TRANSITION_RUN)
+    events: list[model.Event] = []
+    for w in writes:
+        if isinstance(w, model.StepWrite):
+            cur = conn.execute(
+                fence_sql,
+                {"state": w.state, "now": now, "run_id": w.run_id, "lease_id": w.lease_id},
+            )
+            if cur.rowcount != 1:
+                applied.append(False)
+                continue
+            conn.execute(
+                step_sql,
+                {
+                    "run_id": w.run_id,
+                    "key": w.key,
+                    "kind": w.kind.value,
+                    "status": w.status.value,
+                    "attempts": w.attempt,
+                    "retry_base": w.retry_base,
+                    "output": w.output,
+                    "error": error_to_json(w.error),
+                    "now": now,
+                    "started_at": w.started_at,
+                    "finished_at": w.finished_at,
+                },
+            )
+        else:
+            cur = conn.execute(
+                transition_sql,
+                {
+                    "status": w.status.value,
+                    "output": w.output,
+                    "error": error_to_json(w.error),
+                    "state": w.state,
+                    "run_at": w.run_at,
+                    "refund": 1 if w.refund_attempt else 0,
+                    "finished_at": now if w.status.is_final else None,
+                    "now": now,
+                    "run_id": w.run_id,
+                    "lease_id": w.lease_id,
+                },
+            )
+            if cur.rowcount != 1:
+                applied.append(False)
+                continue
+        applied.append(True)
+        events.append(w.event)
+    insert_events_txn(conn, d, events)
+    return applied
+
+
+def list_runs_txn(
+    conn: Connection,
+    d: Dialect,
+    flt: model.RunFilter,
+    limit: int,
+    cursor: tuple[float, str] | None,
+) -> list[model.Run]:
+    filters: list[str] = []
+    params: dict[str, Any] = {"env": flt.env, "limit": limit}
+    if flt.statuses:
+        filters.append(LIST_FILTER_STATUS.format(statuses=d.in_list.format(param=":statuses")))
+        params["statuses"] = d.in_param([s.value for s in flt.statuses])
+    if flt.task_id:
+        filters.append(LIST_FILTER_TASK)
+        params["task_id"] = flt.task_id
+    if flt.tag:
+        filters.append(LIST_FILTER_TAG_POSTGRES if d.name == "postgres"
+                       else LIST_FILTER_TAG_SQLITE)
+        params["tag"] = flt.tag
+    if cursor is not None:
+        filters.append(LIST_FILTER_CURSOR)
+        params["c_at"], params["c_id"] = cursor
+    sql = d.translate(LIST_RUNS.replace("{filters}", " ".join(filters)))
+    return [run_from_row(r) for r in conn.execute(sql, params).fetchall()]

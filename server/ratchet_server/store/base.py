@@ -1,0 +1,338 @@
+"""The store contract, and the implementation both SQL stores share.
+
+Each store method is one transaction. The SQL runs in threads (one for
+SQLite, a pool for Postgres), so the coordinator's event loop never blocks on
+the database; the two concrete stores only say how to open a connection and
+a transaction.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from ratchet_server import model
+from ratchet_server.store import _sql
+
+T = TypeVar("T")
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+CREATE_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS ratchet_migrations (
+    version     INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL,
+    applied_at  DOUBLE PRECISION NOT NULL
+)
+"""
+
+
+class StoreUnavailable(RuntimeError):
+    """The database could not be reached."""
+
+
+class Store(Protocol):
+    """What the engine needs from storage. Every method is one transaction."""
+
+    async def connect(self) -> None: ...
+    async def migrate(self) -> list[str]: ...
+    async def close(self) -> None: ...
+
+    async def create_api_key(
+        self, *, key_id: str, env: str, role: model.Role, name: str, key_hash: str
+    ) -> None: ...
+    async def find_api_key(self, key_hash: str) -> model.ApiKey | None: ...
+
+    async def upsert_tasks(self, tasks: Sequence[model.TaskDef]) -> None: ...
+    async def get_task(self, env: str, task_id: str) -> model.TaskDef | None: ...
+
+    async def create_runs(self, runs: Sequence[model.NewRun]) -> list[tuple[model.Run, bool]]: ...
+    async def get_run(self, env: str | None, run_id: str) -> model.Run | None: ...
+    async def get_steps(self, run_id: str) -> list[model.Step]: ...
+    async def get_events(self, run_id: str) -> list[dict[str, Any]]: ...
+    async def list_runs(
+        self, flt: model.RunFilter, limit: int, cursor: tuple[float, str] | None
+    ) -> list[model.Run]: ...
+    async def cancel_run(self, env: str, run_id: str) -> model.Run | None: ...
+
+    async def lease_ready(
+        self, *, env: str, task_ids: Sequence[str], limit: int, owner: str, nonce: str,
+        ttl: float,
+    ) -> list[model.LeasedRun]: ...
+    async def next_run_at(self, env: str, task_ids: Sequence[str]) -> float | None: ...
+    async def renew_leases(self, owner: str, ttl: float) -> int: ...
+    async def adopt_leases(
+        self, env: str, lease_ids: Sequence[str], owner: str, ttl: float
+    ) -> list[str]: ...
+    async def expired_leases(self, limit: int) -> list[model.LeaseRef]: ...
+    async def owned_leases(self, owner: str) -> list[model.LeaseRef]: ...
+    async def get_lease(self, run_id: str, lease_id: str) -> model.LeaseRef | None: ...
+    async def apply(self, writes: Sequence[model.FencedWrite]) -> list[bool]: ...
+
+    async def listen(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(env)` when another coordinator made runs ready."""
+        ...
+
+    async def notify_ready(self, env: str) -> None: ...
+
+
+class SqlStore(abc.ABC):
+    """Shared implementation over a DB-API connection (sqlite3 or psycopg)."""
+
+    dialect: _sql.Dialect
+
+    def __init__(self, threads: int) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ratchet-db")
+
+    @abc.abstractmethod
+    def _transaction(self, fn: Callable[[Any], T]) -> T:
+        """Run `fn(conn)` in one transaction, in the calling (worker) thread."""
+
+    async def _run(self, fn: Callable[[Any], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._transaction, fn)
+
+    async def connect(self) -> None:
+        """Make sure the database answers; raise StoreUnavailable if not."""
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    # --- schema ---------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        """Apply the numbered migrations not yet applied; return their names."""
+        files = sorted((MIGRATIONS / self.dialect.name).glob("*.sql"))
+        d = self.dialect
+
+        def txn(conn: Any) -> list[str]:
+            self._lock_for_migration(conn)
+            conn.execute(CREATE_MIGRATIONS_TABLE)
+            done = {r["version"] for r in conn.execute(
+                "SELECT version FROM ratchet_migrations").fetchall()}
+            applied = []
+            for path in files:
+                version = int(path.name.split("_", 1)[0])
+                if version in done:
+                    continue
+                self._execute_script(conn, path.read_text())
+                conn.execute(
+                    d.sql("INSERT INTO ratchet_migrations (version, name, applied_at) "
+                          "VALUES (:v, :n, :t)"),
+                    {"v": version, "n": path.name, "t": time.time()},
+                )
+                applied.append(path.name)
+            return applied
+
+        return await self._run(txn)
+
+    def _lock_for_migration(self, conn: Any) -> None:
+        """Serialise concurrent migrations (several replicas starting at once)."""
+
+    @abc.abstractmethod
+    def _execute_script(self, conn: Any, script: str) -> None: ...
+
+    # --- keys and tasks ---------------------------------------------------------
+
+    async def create_api_key(
+        self, *, key_id: str, env: str, role: model.Role, name: str, key_hash: str
+    ) -> None:
+        params = {"id": key_id, "env": env, "role": role.value, "name": name,
+                  "key_hash": key_hash, "now": time.time()}
+        await self._run(lambda c: c.execute(self.dialect.sql(_sql.INSERT_API_KEY), params))
+
+    async def find_api_key(self, key_hash: str) -> model.ApiKey | None:
+        def txn(conn: Any) -> model.ApiKey | None:
+            row = conn.execute(self.dialect.sql(_sql.SELECT_API_KEY),
+                               {"key_hash": key_hash}).fetchone()
+            if row is None:
+                return None
+            return model.ApiKey(id=row["id"], env=row["env"], role=model.Role(row["role"]),
+                                name=row["name"])
+
+        return await self._run(txn)
+
+    async def upsert_tasks(self, tasks: Sequence[model.TaskDef]) -> None:
+        now = time.time()
+        sql = self.dialect.sql(_sql.UPSERT_TASK)
+
+        def txn(conn: Any) -> None:
+            for t in tasks:
+                conn.execute(sql, {
+                    "env": t.env, "id": t.id, "version": t.version, "queue": t.queue,
+                    "retry": _sql.retry_to_json(t.retry), "payload_schema": t.payload_schema,
+                    "output_schema": t.output_schema, "max_duration": t.max_duration,
+                    "now": now,
+                })
+
+        await self._run(txn)
+
+    async def get_task(self, env: str, task_id: str) -> model.TaskDef | None:
+        def txn(conn: Any) -> model.TaskDef | None:
+            row = conn.execute(self.dialect.sql(_sql.SELECT_TASK),
+                               {"env": env, "id": task_id}).fetchone()
+            return None if row is None else _sql.task_from_row(row)
+
+        return await self._run(txn)
+
+    # --- runs -------------------------------------------------------------------
+
+    async def create_runs(self, runs: Sequence[model.NewRun]) -> list[tuple[model.Run, bool]]:
+        d = self.dialect
+
+        def txn(conn: Any) -> list[tuple[model.Run, bool]]:
+            result = _sql.create_runs_txn(conn, d, runs, time.time())
+            if any(created for _, created in result):
+                self._notify_txn(conn, {r.env for r in runs})
+            return result
+
+        return await self._run(txn)
+
+    def _notify_txn(self, conn: Any, envs: set[str]) -> None:
+        """Tell other coordinators, at commit, that runs became ready."""
+
+    async def get_run(self, env: str | None, run_id: str) -> model.Run | None:
+        def txn(conn: Any) -> model.Run | None:
+            if env is None:
+                row = conn.execute(self.dialect.sql(_sql.SELECT_RUN_ANY_ENV),
+                                   {"id": run_id}).fetchone()
+            else:
+                row = conn.execute(self.dialect.sql(_sql.SELECT_RUN),
+                                   {"env": env, "id": run_id}).fetchone()
+            return None if row is None else _sql.run_from_row(row)
+
+        return await self._run(txn)
+
+    async def get_steps(self, run_id: str) -> list[model.Step]:
+        def txn(conn: Any) -> list[model.Step]:
+            rows = conn.execute(self.dialect.sql(_sql.SELECT_STEPS),
+                                {"run_id": run_id}).fetchall()
+            return [_sql.step_from_row(r) for r in rows]
+
+        return await self._run(txn)
+
+    async def get_events(self, run_id: str) -> list[dict[str, Any]]:
+        def txn(conn: Any) -> list[dict[str, Any]]:
+            rows = conn.execute(self.dialect.sql(_sql.SELECT_EVENTS),
+                                {"run_id": run_id}).fetchall()
+            return [{k: r[k] for k in ("id", "at", "type", "attempt", "lease_id", "step_key",
+                                       "data")} for r in rows]
+
+        return await self._run(txn)
+
+    async def list_runs(
+        self, flt: model.RunFilter, limit: int, cursor: tuple[float, str] | None
+    ) -> list[model.Run]:
+        return await self._run(
+            lambda c: _sql.list_runs_txn(c, self.dialect, flt, limit, cursor))
+
+    async def cancel_run(self, env: str, run_id: str) -> model.Run | None:
+        def txn(conn: Any) -> model.Run | None:
+            now = time.time()
+            row = conn.execute(self.dialect.sql(_sql.CANCEL_RUN),
+                               {"env": env, "id": run_id, "now": now}).fetchone()
+            if row is None:
+                return None
+            run = _sql.run_from_row(row)
+            _sql.insert_events_txn(conn, self.dialect, [model.Event(
+                run_id=run.id, type=model.EventType.CANCELED, at=now, attempt=run.attempt,
+                lease_id=run.lease_id)])
+            return run
+
+        return await self._run(txn)
+
+    # --- leases -----------------------------------------------------------------
+
+    async def lease_ready(
+        self, *, env: str, task_ids: Sequence[str], limit: int, owner: str, nonce: str,
+        ttl: float,
+    ) -> list[model.LeasedRun]:
+        def txn(conn: Any) -> list[model.LeasedRun]:
+            now = time.time()
+            return _sql.lease_ready_txn(conn, self.dialect, env=env, task_ids=task_ids,
+                                        limit=limit, owner=owner, nonce=nonce, now=now,
+                                        expires_at=now + ttl)
+
+        return await self._run(txn)
+
+    async def next_run_at(self, env: str, task_ids: Sequence[str]) -> float | None:
+        d = self.dialect
+        sql = d.sql(_sql.NEXT_RUN_AT, task_ids=d.in_list.format(param=":task_ids"))
+
+        def txn(conn: Any) -> float | None:
+            row = conn.execute(sql, {"env": env, "task_ids": d.in_param(task_ids)}).fetchone()
+            return None if row is None else row["next"]
+
+        return await self._run(txn)
+
+    async def renew_leases(self, owner: str, ttl: float) -> int:
+        def txn(conn: Any) -> int:
+            cur = conn.execute(self.dialect.sql(_sql.RENEW_LEASES),
+                               {"owner": owner, "expires_at": time.time() + ttl})
+            return int(cur.rowcount)
+
+        return await self._run(txn)
+
+    async def adopt_leases(
+        self, env: str, lease_ids: Sequence[str], owner: str, ttl: float
+    ) -> list[str]:
+        d = self.dialect
+        sql = d.sql(_sql.ADOPT_LEASES, lease_ids=d.in_list.format(param=":lease_ids"))
+
+        def txn(conn: Any) -> list[str]:
+            now = time.time()
+            rows = conn.execute(sql, {"env": env, "lease_ids": d.in_param(lease_ids),
+                                      "owner": owner, "expires_at": now + ttl}).fetchall()
+            _sql.insert_events_txn(conn, d, (model.Event(
+                run_id=r["id"], type=model.EventType.LEASE_ADOPTED, at=now,
+                attempt=r["attempt"], lease_id=r["lease_id"]) for r in rows))
+            return [r["lease_id"] for r in rows]
+
+        return await self._run(txn)
+
+    async def expired_leases(self, limit: int) -> list[model.LeaseRef]:
+        def txn(conn: Any) -> list[model.LeaseRef]:
+            rows = conn.execute(self.dialect.sql(_sql.SELECT_EXPIRED_LEASES),
+                                {"now": time.time(), "limit": limit}).fetchall()
+            return [_sql.lease_ref_from_row(r) for r in rows]
+
+        return await self._run(txn)
+
+    async def owned_leases(self, owner: str) -> list[model.LeaseRef]:
+        def txn(conn: Any) -> list[model.LeaseRef]:
+            rows = conn.execute(self.dialect.sql(_sql.SELECT_OWNED_LEASES),
+                                {"owner": owner}).fetchall()
+            return [_sql.lease_ref_from_row(r) for r in rows]
+
+        return await self._run(txn)
+
+    async def get_lease(self, run_id: str, lease_id: str) -> model.LeaseRef | None:
+        def txn(conn: Any) -> model.LeaseRef | None:
+            row = conn.execute(self.dialect.sql(_sql.SELECT_LEASE),
+                               {"run_id": run_id, "lease_id": lease_id}).fetchone()
+            return None if row is None else _sql.lease_ref_from_row(row)
+
+        return await self._run(txn)
+
+    async def apply(self, writes: Sequence[model.FencedWrite]) -> list[bool]:
+        def txn(conn: Any) -> list[bool]:
+            result = _sql.apply_writes_txn(conn, self.dialect, writes, time.time())
+            requeued = {w.run_id for w, ok in zip(writes, result, strict=True)
+                        if ok and isinstance(w, model.RunTransition)
+                        and w.status is model.RunStatus.QUEUED}
+            if requeued:
+                self._notify_txn(conn, {"*"})
+            return result
+
+        return await self._run(txn)
+
+    async def listen(self, callback: Callable[[str], None]) -> None:
+        """Single-process stores have no other coordinator to hear from."""
+
+    async def notify_ready(self, env: str) -> None:
+        await self._run(lambda c: self._notify_txn(c, {env}))

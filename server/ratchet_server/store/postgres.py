@@ -1,0 +1,95 @@
+"""The production store: PostgreSQL through psycopg 3 and a connection pool.
+
+Any number of coordinators may share one database: ready runs are leased
+with `FOR UPDATE SKIP LOCKED`, and a trigger or requeue on one replica wakes
+the others through `LISTEN/NOTIFY`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from ratchet_server.store import _sql
+from ratchet_server.store.base import SqlStore, StoreUnavailable
+
+T = TypeVar("T")
+
+CHANNEL = "ratchet_ready"
+# Arbitrary constant: the advisory lock that serialises migrations.
+MIGRATION_LOCK = 7_420_001
+
+
+class PostgresStore(SqlStore):
+    dialect = _sql.POSTGRES
+
+    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+        super().__init__(threads=pool_size)
+        self._url = url
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"row_factory": dict_row, "autocommit": False},
+            open=False,
+        )
+        self._listener: threading.Thread | None = None
+        self._closing = threading.Event()
+
+    async def connect(self) -> None:
+        def check() -> None:
+            self._pool.open(wait=False)
+            try:
+                self._pool.wait(timeout=10.0)
+            except Exception as exc:
+                self._pool.close()
+                raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
+
+        await asyncio.to_thread(check)
+
+    def _transaction(self, fn: Callable[[Any], T]) -> T:
+        with self._pool.connection() as conn, conn.transaction():
+            return fn(conn)
+
+    def _lock_for_migration(self, conn: Any) -> None:
+        conn.execute("SELECT pg_advisory_xact_lock(%(k)s)", {"k": MIGRATION_LOCK})
+
+    def _execute_script(self, conn: Any, script: str) -> None:
+        conn.execute(script)
+
+    def _notify_txn(self, conn: Any, envs: set[str]) -> None:
+        for env in envs:
+            conn.execute("SELECT pg_notify(%(ch)s, %(env)s)", {"ch": CHANNEL, "env": env})
+
+    async def listen(self, callback: Callable[[str], None]) -> None:
+        loop = asyncio.get_running_loop()
+
+        def forward() -> None:
+            while not self._closing.is_set():
+                try:
+                    with psycopg.connect(self._url, autocommit=True) as conn:
+                        conn.execute(f"LISTEN {CHANNEL}")
+                        while not self._closing.is_set():
+                            for note in conn.notifies(timeout=0.5):
+                                loop.call_soon_threadsafe(callback, note.payload)
+                except psycopg.Error:
+                    if self._closing.wait(0.5):
+                        return
+                except RuntimeError:
+                    return  # the event loop is gone
+
+        self._listener = threading.Thread(target=forward, name="ratchet-listen", daemon=True)
+        self._listener.start()
+
+    async def close(self) -> None:
+        self._closing.set()
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.join, 2.0)
+        await super().close()
+        await asyncio.to_thread(self._pool.close)
