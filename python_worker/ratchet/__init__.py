@@ -1,2 +1,61 @@
+"""Ratchet: durable execution for Python.
+
+    import ratchet
+
+    @ratchet.task(id="process-document", retry=ratchet.Retry(max_attempts=3))
+    async def process_document(ctx: ratchet.Context, payload: Doc) -> Result:
+        text = await ctx.step("download", download, payload.url)
+        ...
+
+Every `await ctx.step(...)` is a checkpoint: once a step completed, no crash,
+retry or redeploy runs it again.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ratchet._client import Client
+from ratchet._context import Context
+from ratchet._errors import (
+    AuthenticationError,
+    ClientError,
+    InvalidArgumentError,
+    LeaseLostError,
+    NonRetryableError,
+    NotFoundError,
+    RatchetError,
+    RunFailedError,
+    StepFailedError,
+    UnavailableError,
+)
 from ratchet._retry import Retry
-__all__ = ["Retry"]
+from ratchet._task import PayloadValidationError, Task, task
+from ratchet._types import Run, RunError, RunStatus, StepInfo
+from ratchet._worker import Worker, WorkerError
+
+__all__ = [
+    "AuthenticationError",
+    "Client",
+    "ClientError",
+    "Context",
+    "InvalidArgumentError",
+    "LeaseLostError",
+    "NonRetryableError",
+    "NotFoundError",
+    "PayloadValidationError",
+    "RatchetError",
+    "Retry",
+    "Run",
+    "RunError",
+    "RunFailedError",
+    "RunStatus",
+    "StepFailedError",
+    "StepInfo",
+    "Task",
+    "UnavailableError",
+    "Worker",
+    "WorkerError",
+    "__version__",
+    "task",
+]

@@ -230,7 +230,7 @@ class StepWrite:
     started_at: float | None
     finished_at: float | None
     state: str | None
-    event: Event
+    events: tuple[Event, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -240,7 +240,7 @@ class RunTransition:
     run_id: str
     lease_id: str
     status: RunStatus
-    event: Event
+    events: tuple[Event, ...]
     output: str | None = None
     error: ErrorInfo | None = None
     state: str | None = None

@@ -498,7 +498,7 @@ def apply_writes_txn(
                 applied.append(False)
                 continue
         applied.append(True)
-        events.append(w.event)
+        events.extend(w.events)
     insert_events_txn(conn, d, events)
     return applied
 

@@ -1,0 +1,278 @@
+"""The `ratchet` command line.
+
+Errors are one line on stderr and a non-zero exit, never a traceback.
+Commands that run a coordinator (`dev`, `server`, `migrate`, `keys`) need the
+`server` extra; the others need only the SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ratchet._client import Client
+from ratchet._errors import RatchetError, RunFailedError
+from ratchet._task import Task
+from ratchet._types import Run, RunStatus
+from ratchet._worker import Worker
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class CLIError(Exception):
+    """A problem to report in one line."""
+
+
+def duration(text: str) -> float:
+    """Parse `15s`, `500ms`, `2m`, `1h` or plain seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 15s, 500ms, 2m)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _timing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lease-ttl", type=duration, default=duration("30s"),
+                   help="how long a lease lives without a heartbeat (default 30s)")
+    p.add_argument("--heartbeat-interval", type=duration, default=duration("5s"),
+                   help="how often workers must send a heartbeat (default 5s)")
+    p.add_argument("--session-grace", type=duration, default=duration("1s"),
+                   help="how long a closed session's leases wait for a reconnect (default 1s)")
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", default=None,
+                   help="HOST:PORT (default $RATCHET_COORDINATOR or 127.0.0.1:7420)")
+    p.add_argument("--api-key", default=None, help="API key (default $RATCHET_API_KEY)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ratchet", description="Durable execution for Python.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("dev", help="coordinator on the embedded SQLite store (loopback, no auth)")
+    p.add_argument("--port", type=int, default=7420)
+    p.add_argument("--http-port", type=int, default=7421)
+    p.add_argument("--db", default=".ratchet/dev.db", help="SQLite file (default .ratchet/dev.db)")
+    p.add_argument("--worker", action="append", default=[], metavar="MODULE",
+                   help="serve this module's tasks in-process (repeatable)")
+    p.add_argument("--slots", type=int, default=8, help="slots of in-process workers")
+    _timing_args(p)
+
+    p = sub.add_parser("server", help="coordinator against Postgres or SQLite (auth required)")
+    p.add_argument("--database-url", required=True)
+    p.add_argument("--listen", default="0.0.0.0:7420", help="gRPC HOST:PORT")
+    p.add_argument("--http-listen", default="127.0.0.1:7421", help="HTTP HOST:PORT")
+    _timing_args(p)
+
+    p = sub.add_parser("migrate", help="apply schema migrations")
+    p.add_argument("--database-url", required=True)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command",
+                                                                  required=True)
+    p = keys.add_parser("create", help="create a key and print it (once)")
+    p.add_argument("--database-url", required=True)
+    p.add_argument("--env", required=True)
+    p.add_argument("--role", required=True, choices=["client", "worker", "admin"])
+    p.add_argument("--name", default="")
+
+    p = sub.add_parser("worker", help="serve the tasks defined in modules")
+    p.add_argument("modules", nargs="+", metavar="MODULE[:ATTR]")
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--drain-timeout", type=duration, default=duration("30s"))
+    _client_args(p)
+
+    p = sub.add_parser("trigger", help="start a run")
+    p.add_argument("task")
+    p.add_argument("--payload", default="{}", help="JSON payload (default {})")
+    p.add_argument("--idempotency-key", default=None)
+    p.add_argument("--delay", type=duration, default=None)
+    p.add_argument("--tag", action="append", default=[])
+    p.add_argument("--wait", action="store_true", help="wait until the run is final")
+    p.add_argument("--timeout", type=duration, default=None, help="with --wait")
+    p.add_argument("--json", action="store_true")
+    _client_args(p)
+
+    runs = sub.add_parser("runs", help="inspect and cancel runs").add_subparsers(
+        dest="runs_command", required=True)
+    p = runs.add_parser("list")
+    p.add_argument("--status", action="append", default=[])
+    p.add_argument("--task", default=None)
+    p.add_argument("--tag", default=None)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    _client_args(p)
+    p = runs.add_parser("show")
+    p.add_argument("run_id")
+    p.add_argument("--json", action="store_true")
+    _client_args(p)
+    p = runs.add_parser("cancel")
+    p.add_argument("run_id")
+    p.add_argument("--reason", default="")
+    _client_args(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_dispatch(args))
+    except KeyboardInterrupt:
+        return 130
+    except (CLIError, RatchetError, OSError, ValueError) as exc:
+        print(f"ratchet: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # last resort: still one line
+        print(f"ratchet: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    command = args.command
+    if command in ("dev", "server", "migrate", "keys"):
+        try:
+            from ratchet_server import cli as server_cli
+        except ImportError as exc:
+            raise CLIError(f"`ratchet {command}` needs the server extra "
+                           f"(pip install 'ratchet[server]'): {exc}") from None
+        return await server_cli.run(args, load_tasks)
+    if command == "worker":
+        return await _worker(args)
+    if command == "trigger":
+        return await _trigger(args)
+    return await _runs(args)
+
+
+def load_tasks(specs: Sequence[str]) -> list[Task[Any, Any]]:
+    """Import `module`, `module:attr` or `path/to/file.py` and collect its tasks."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    found: dict[str, Task[Any, Any]] = {}
+    for spec in specs:
+        name, _, attr = spec.partition(":")
+        try:
+            if name.endswith(".py"):
+                path = Path(name).resolve()
+                loader = importlib.util.spec_from_file_location(path.stem, path)
+                if loader is None or loader.loader is None:
+                    raise CLIError(f"cannot load {name}")
+                module = importlib.util.module_from_spec(loader)
+                sys.modules[path.stem] = module
+                loader.loader.exec_module(module)
+            else:
+                module = importlib.import_module(name)
+        except (ImportError, FileNotFoundError) as exc:
+            raise CLIError(f"cannot import {name!r}: {exc}") from None
+        objects = [getattr(module, attr, None)] if attr else list(vars(module).values())
+        if attr and objects[0] is None:
+            raise CLIError(f"{name!r} has no attribute {attr!r}")
+        for obj in objects:
+            items = obj if isinstance(obj, list | tuple) else [obj]
+            for item in items:
+                if isinstance(item, Task):
+                    found[item.id] = item
+    if not found:
+        raise CLIError(f"no @ratchet.task found in {', '.join(specs)}")
+    return list(found.values())
+
+
+async def _worker(args: argparse.Namespace) -> int:
+    tasks = load_tasks(args.modules)
+    worker = Worker(tasks, args.coordinator, slots=args.slots, api_key=args.api_key,
+                    drain_timeout=args.drain_timeout)
+    logging.getLogger("ratchet.worker").info(
+        "serving %s with %d slots on %s", ", ".join(t.id for t in tasks), args.slots,
+        worker.coordinator)
+    await worker.run()
+    return 0
+
+
+def _payload(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CLIError(f"--payload is not valid JSON: {exc}") from None
+
+
+async def _trigger(args: argparse.Namespace) -> int:
+    async with Client(args.coordinator, api_key=args.api_key) as client:
+        run = await client.trigger(args.task, _payload(args.payload),
+                                   idempotency_key=args.idempotency_key, delay=args.delay,
+                                   tags=args.tag)
+        if args.wait:
+            run = await client.wait(run.id, timeout=args.timeout)
+            run = await client.get(run.id)
+        if args.json:
+            print(json.dumps(run.to_dict(), indent=2))
+        elif args.wait:
+            print(render_run(run))
+        else:
+            print(run.id)
+        if args.wait and run.status is not RunStatus.COMPLETED:
+            raise RunFailedError(run)
+    return 0
+
+
+async def _runs(args: argparse.Namespace) -> int:
+    async with Client(args.coordinator, api_key=args.api_key) as client:
+        if args.runs_command == "list":
+            runs, _ = await client.list(status=args.status or None, task=args.task,
+                                        tag=args.tag, limit=args.limit)
+            if args.json:
+                print(json.dumps([r.to_dict() for r in runs], indent=2))
+            else:
+                for r in runs:
+                    created = r.created_at.strftime("%Y-%m-%d %H:%M:%S") if r.created_at else ""
+                    print(f"{r.id}  {r.task_id:<24} {r.status.value:<10} "
+                          f"attempt {r.attempt}  {created}")
+        elif args.runs_command == "show":
+            run = await client.get(args.run_id)
+            print(json.dumps(run.to_dict(), indent=2) if args.json else render_run(run))
+        else:
+            run = await client.cancel(args.run_id, args.reason)
+            print(f"{run.id} {run.status.value}")
+    return 0
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.0f}ms" if seconds < 10 else f"{seconds:.1f}s"
+
+
+def render_run(run: Run) -> str:
+    """A readable tree of a run and its steps."""
+    total = None
+    if run.started_at and run.finished_at:
+        total = (run.finished_at - run.started_at).total_seconds()
+    lines = [f"{run.id}  {run.task_id}  {run.status.value}  attempt {run.attempt}  "
+             f"{_ms(total)}"]
+    for i, step in enumerate(run.steps):
+        branch = "└─" if i == len(run.steps) - 1 else "├─"
+        tries = f"{step.attempts} attempt" + ("s" if step.attempts != 1 else "")
+        line = f"{branch} {step.key:<20} {step.status:<10} {tries:<11} {_ms(step.duration)}"
+        if step.error is not None:
+            label = "last error" if step.status == "COMPLETED" else "error"
+            line += f"  {label}: {step.error.type}: {step.error.message}"
+        lines.append(line)
+    if run.output is not None:
+        lines.append(f"output: {json.dumps(run.output)}")
+    if run.error is not None:
+        where = f" in step {run.error.step_key}" if run.error.step_key else ""
+        lines.append(f"error{where}: {run.error.type}: {run.error.message}")
+    return "\n".join(lines)

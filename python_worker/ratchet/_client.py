@@ -1,0 +1,188 @@
+"""`ratchet.Client`: trigger runs and inspect them (async)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from ratchet._codec import duration, retry_to_pb, run_from_pb, to_json
+from ratchet._errors import ClientError, RunFailedError, from_rpc_error
+from ratchet._retry import Retry
+from ratchet._task import Task
+from ratchet._types import Run, RunStatus
+from ratchet._worker import CHANNEL_OPTIONS, DEFAULT_COORDINATOR
+from ratchet.v1 import common_pb2, run_pb2, run_pb2_grpc, system_pb2, system_pb2_grpc
+
+
+class Client:
+    """A connection to the coordinator's RunService.
+
+    `coordinator` defaults to `$RATCHET_COORDINATOR` (else 127.0.0.1:7420) and
+    `api_key` to `$RATCHET_API_KEY`. Use it as `async with ratchet.Client() as c:`
+    or call `close()`. Coordinator errors raise `ratchet.ClientError` subclasses.
+    """
+
+    def __init__(self, coordinator: str | None = None, *, api_key: str | None = None,
+                 timeout: float = 30.0) -> None:
+        self.coordinator = coordinator or os.environ.get("RATCHET_COORDINATOR") \
+            or DEFAULT_COORDINATOR
+        key = api_key if api_key is not None else os.environ.get("RATCHET_API_KEY")
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else None
+        self._timeout = timeout
+        self._channel = grpc.aio.insecure_channel(self.coordinator, options=CHANNEL_OPTIONS)
+        self._runs = run_pb2_grpc.RunServiceStub(self._channel)
+        self._system = system_pb2_grpc.SystemServiceStub(self._channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, metadata=self._metadata, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def trigger(
+        self,
+        task: Task[Any, Any] | str,
+        payload: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        idempotency_key_ttl: float | None = None,
+        delay: float | None = None,
+        ttl: float | None = None,
+        priority: int = 0,
+        queue: str | None = None,
+        concurrency_key: str | None = None,
+        tags: Sequence[str] = (),
+        metadata: Mapping[str, str] | None = None,
+        retry: Retry | None = None,
+        max_duration: float | None = None,
+    ) -> Run:
+        """Start a run of `task` (a Task or its id). Returns it as created (QUEUED).
+
+        With `idempotency_key`, a repeated trigger returns the first run
+        (`run.created` is False). Raises NotFoundError for a task no worker has
+        registered, InvalidArgumentError for a payload that does not fit.
+        """
+        options = _options(idempotency_key, idempotency_key_ttl, delay, ttl, priority, queue,
+                           concurrency_key, tags, metadata, retry, max_duration)
+        response = await self._call(self._runs.Trigger, run_pb2.TriggerRequest(
+            task_id=_task_id(task), payload=to_json(payload), options=options))
+        return run_from_pb(response.run, created=response.created)
+
+    async def batch_trigger(
+        self, task: Task[Any, Any] | str, payloads: Iterable[Any], *, tags: Sequence[str] = (),
+        priority: int = 0,
+    ) -> list[Run]:
+        """Start one run per payload in one transaction (all or none; at most 1,000)."""
+        options = run_pb2.TriggerOptions(tags=list(tags), priority=priority)
+        items = [run_pb2.BatchTriggerItem(task_id=_task_id(task), payload=to_json(p),
+                                          options=options) for p in payloads]
+        response = await self._call(self._runs.BatchTrigger,
+                                    run_pb2.BatchTriggerRequest(items=items))
+        return [run_from_pb(r.run, created=r.created) for r in response.results]
+
+    async def get(self, run_id: str) -> Run:
+        """The run with its steps. Raises NotFoundError."""
+        response = await self._call(self._runs.GetRun, run_pb2.GetRunRequest(run_id=run_id))
+        return run_from_pb(response.run, response.steps)
+
+    async def list(
+        self,
+        *,
+        status: RunStatus | str | Sequence[RunStatus | str] | None = None,
+        task: Task[Any, Any] | str | None = None,
+        tag: str | None = None,
+        limit: int = 50,
+        page_token: str = "",
+    ) -> tuple[list[Run], str]:
+        """One page of runs, newest first, and the token of the next page ("" at the end)."""
+        statuses = [] if status is None else [status] if isinstance(status, str) else status
+        request = run_pb2.ListRunsRequest(
+            statuses=[_status_pb(s) for s in statuses],
+            task_id="" if task is None else _task_id(task), tag=tag or "", page_size=limit,
+            page_token=page_token)
+        response = await self._call(self._runs.ListRuns, request)
+        return [run_from_pb(r) for r in response.runs], response.next_page_token
+
+    async def cancel(self, run_id: str, reason: str = "") -> Run:
+        """Cancel a run that is not final; its worker is told to stop."""
+        response = await self._call(self._runs.CancelRun,
+                                    run_pb2.CancelRunRequest(run_id=run_id, reason=reason))
+        return run_from_pb(response.run)
+
+    async def wait(self, run_id: str, *, timeout: float | None = None) -> Run:
+        """Wait until the run is final and return it (polling with backoff).
+
+        Raises TimeoutError when `timeout` seconds pass first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            run = await self.get(run_id)
+            if run.status.is_final:
+                return run
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise TimeoutError(f"run {run_id} is still {run.status} after {timeout}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    async def result(self, run_id: str, *, timeout: float | None = None) -> Any:
+        """The run's output once COMPLETED; raises RunFailedError for other final statuses."""
+        run = await self.wait(run_id, timeout=timeout)
+        if run.status is not RunStatus.COMPLETED:
+            raise RunFailedError(run)
+        return run.output
+
+    async def version(self) -> dict[str, Any]:
+        """What the coordinator is and speaks."""
+        r = await self._call(self._system.GetVersion,
+                             system_pb2.GetVersionRequest(client_protocol_version=1))
+        return {"server_version": r.server_version, "protocol_version": r.protocol_version,
+                "min_protocol_version": r.min_protocol_version, "features": list(r.features)}
+
+
+def _task_id(task: Task[Any, Any] | str) -> str:
+    return task if isinstance(task, str) else task.id
+
+
+def _status_pb(status: RunStatus | str) -> int:
+    try:
+        name = RunStatus(str(status).upper()).value
+    except ValueError:
+        raise ClientError("INVALID_ARGUMENT", f"unknown run status {status!r}") from None
+    return int(common_pb2.RunStatus.Value(f"RUN_STATUS_{name}"))
+
+
+def _options(
+    idempotency_key: str | None, idempotency_key_ttl: float | None, delay: float | None,
+    ttl: float | None, priority: int, queue: str | None, concurrency_key: str | None,
+    tags: Sequence[str], metadata: Mapping[str, str] | None, retry: Retry | None,
+    max_duration: float | None,
+) -> run_pb2.TriggerOptions:
+    opts = run_pb2.TriggerOptions(
+        idempotency_key=idempotency_key or "", priority=priority, queue=queue or "",
+        concurrency_key=concurrency_key or "", tags=list(tags), metadata=dict(metadata or {}))
+    if idempotency_key_ttl is not None:
+        opts.idempotency_key_ttl.CopyFrom(duration(idempotency_key_ttl))
+    if delay is not None:
+        opts.delay.CopyFrom(duration(delay))
+    if ttl is not None:
+        opts.ttl.CopyFrom(duration(ttl))
+    if retry is not None:
+        opts.retry.CopyFrom(retry_to_pb(retry))
+    if max_duration is not None:
+        opts.max_duration.CopyFrom(duration(max_duration))
+    return opts

@@ -1,0 +1,113 @@
+"""Protobuf <-> SDK objects, and JSON encoding of payloads and outputs.
+
+The SDK's only module (with the transports) that touches generated stubs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import traceback
+from typing import Any
+
+import pydantic_core
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from ratchet._errors import NonRetryableError, StepFailedError
+from ratchet._retry import Retry
+from ratchet._types import Run, RunError, RunStatus, StepInfo
+from ratchet.v1 import common_pb2, run_pb2
+
+STEP_KINDS = {common_pb2.STEP_KIND_RUN: "run", common_pb2.STEP_KIND_SLEEP: "sleep",
+              common_pb2.STEP_KIND_TOKEN: "token", common_pb2.STEP_KIND_CHILD: "child",
+              common_pb2.STEP_KIND_VALUE: "value"}
+STEP_STATUSES = {common_pb2.STEP_STATUS_RUNNING: "RUNNING",
+                 common_pb2.STEP_STATUS_COMPLETED: "COMPLETED",
+                 common_pb2.STEP_STATUS_FAILED: "FAILED"}
+
+
+def to_json(value: Any) -> bytes:
+    """Encode a payload, output or state as UTF-8 JSON (pydantic models allowed)."""
+    try:
+        return pydantic_core.to_json(value)
+    except pydantic_core.PydanticSerializationError as exc:
+        raise TypeError(f"value is not JSON-serialisable: {exc}") from None
+
+
+def from_json(data: bytes) -> Any:
+    return None if not data else json.loads(data)
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromNanoseconds(int(seconds * 1e9))
+    return out
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromNanoseconds(int(seconds * 1e9))
+    return out
+
+
+def _dt(value: timestamp_pb2.Timestamp, present: bool) -> dt.datetime | None:
+    if not present:
+        return None
+    return dt.datetime.fromtimestamp(value.ToNanoseconds() / 1e9, tz=dt.UTC)
+
+
+def retry_to_pb(retry: Retry) -> common_pb2.RetryPolicy:
+    return common_pb2.RetryPolicy(
+        max_attempts=retry.max_attempts, factor=retry.factor,
+        min_delay=duration(retry.min_delay), max_delay=duration(retry.max_delay),
+        jitter=retry.jitter)
+
+
+def error_from_pb(pb: common_pb2.ErrorInfo) -> RunError:
+    return RunError(type=pb.type, message=pb.message, stack=pb.stack,
+                    non_retryable=pb.non_retryable, step_key=pb.step_key, attempt=pb.attempt)
+
+
+def error_to_pb(error: RunError) -> common_pb2.ErrorInfo:
+    return common_pb2.ErrorInfo(type=error.type, message=error.message, stack=error.stack,
+                                non_retryable=error.non_retryable, step_key=error.step_key,
+                                attempt=error.attempt)
+
+
+def error_from_exception(exc: BaseException, *, step_key: str = "", attempt: int = 0) -> RunError:
+    """Describe an exception; a StepFailedError reports the step's own error."""
+    if isinstance(exc, StepFailedError):
+        return exc.error
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ in ("builtins", "ratchet._errors") \
+        else f"{cls.__module__}.{cls.__qualname__}"
+    if cls.__module__ == "ratchet._errors":
+        name = f"ratchet.{cls.__qualname__}"
+    stack = "".join(traceback.format_exception(exc))[-8000:]
+    return RunError(type=name, message=str(exc), stack=stack,
+                    non_retryable=bool(getattr(exc, "non_retryable", False))
+                    or isinstance(exc, NonRetryableError),
+                    step_key=step_key, attempt=attempt)
+
+
+def step_from_pb(pb: common_pb2.Step) -> StepInfo:
+    return StepInfo(
+        key=pb.key, kind=STEP_KINDS.get(pb.kind, "run"),
+        status=STEP_STATUSES.get(pb.status, "UNSPECIFIED"), attempts=pb.attempts,
+        output=from_json(pb.output) if pb.status == common_pb2.STEP_STATUS_COMPLETED else None,
+        error=error_from_pb(pb.error) if pb.HasField("error") else None,
+        started_at=_dt(pb.started_at, pb.HasField("started_at")),
+        finished_at=_dt(pb.finished_at, pb.HasField("finished_at")))
+
+
+def run_from_pb(pb: run_pb2.Run, steps: Any = (), created: bool = True) -> Run:
+    return Run(
+        id=pb.id, task_id=pb.task_id,
+        status=RunStatus(common_pb2.RunStatus.Name(pb.status).removeprefix("RUN_STATUS_")),
+        attempt=pb.attempt, payload=from_json(pb.payload), output=from_json(pb.output),
+        error=error_from_pb(pb.error) if pb.HasField("error") else None,
+        idempotency_key=pb.idempotency_key, tags=tuple(pb.tags), metadata=dict(pb.metadata),
+        created_at=_dt(pb.created_at, pb.HasField("created_at")),
+        started_at=_dt(pb.started_at, pb.HasField("started_at")),
+        finished_at=_dt(pb.finished_at, pb.HasField("finished_at")),
+        steps=tuple(step_from_pb(s) for s in steps), created=created)

@@ -1,0 +1,99 @@
+"""Errors of the Ratchet SDK.
+
+    RatchetError
+    ├── NonRetryableError       raise it (or a subclass) to fail at once, without retries
+    ├── StepFailedError         a step used up its attempts; carries the step key and error
+    ├── RunFailedError          Client.wait(): the run ended other than COMPLETED
+    ├── LeaseLostError          the coordinator no longer honours this worker's lease
+    └── ClientError             a coordinator call failed; `.code` is the gRPC status name
+        ├── NotFoundError
+        ├── InvalidArgumentError
+        ├── AuthenticationError (UNAUTHENTICATED, PERMISSION_DENIED)
+        └── UnavailableError    the coordinator could not be reached
+
+Cancellation (`asyncio.CancelledError`) is never wrapped or swallowed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ratchet._types import Run, RunError
+
+
+class RatchetError(Exception):
+    """Base of every error the SDK raises on purpose."""
+
+
+class NonRetryableError(RatchetError):
+    """Retrying cannot help: the step or run fails at once."""
+
+    non_retryable = True
+
+
+class StepFailedError(RatchetError):
+    """A step failed and will not be tried again in this run attempt.
+
+    If the task does not catch it, the run attempt fails with the step's error
+    and the task's retry policy decides what happens next.
+    """
+
+    def __init__(self, step_key: str, attempts: int, error: RunError) -> None:
+        super().__init__(f"step {step_key!r} failed after {attempts} attempt(s): "
+                         f"{error.type}: {error.message}")
+        self.step_key = step_key
+        self.attempts = attempts
+        self.error = error
+
+
+class RunFailedError(RatchetError):
+    """The run finished without an output (FAILED, CANCELED, ...)."""
+
+    def __init__(self, run: Run) -> None:
+        detail = f": {run.error.type}: {run.error.message}" if run.error else ""
+        super().__init__(f"run {run.id} ended {run.status}{detail}")
+        self.run = run
+
+
+class LeaseLostError(RatchetError):
+    """This worker's lease on a run is no longer current; the run is abandoned here."""
+
+
+class ClientError(RatchetError):
+    """A call to the coordinator failed."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class NotFoundError(ClientError):
+    pass
+
+
+class InvalidArgumentError(ClientError):
+    pass
+
+
+class AuthenticationError(ClientError):
+    pass
+
+
+class UnavailableError(ClientError):
+    pass
+
+
+def from_rpc_error(exc: Any) -> ClientError:
+    """Map a grpc.aio.AioRpcError to the matching ClientError."""
+    code = exc.code().name
+    message = exc.details() or ""
+    cls: type[ClientError] = {
+        "NOT_FOUND": NotFoundError,
+        "INVALID_ARGUMENT": InvalidArgumentError,
+        "UNAUTHENTICATED": AuthenticationError,
+        "PERMISSION_DENIED": AuthenticationError,
+        "UNAVAILABLE": UnavailableError,
+    }.get(code, ClientError)
+    return cls(code, message)

@@ -1,0 +1,117 @@
+"""Plain data the SDK returns: runs, steps, errors. No protobuf here."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from typing import Any
+
+
+class RunStatus(enum.StrEnum):
+    """Lifecycle of a run; the final ones are COMPLETED, FAILED, CANCELED, EXPIRED, TIMED_OUT."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    WAITING = "WAITING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+    EXPIRED = "EXPIRED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @property
+    def is_final(self) -> bool:
+        return self not in (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunError:
+    """Why a step or run attempt failed."""
+
+    type: str
+    message: str
+    stack: str = ""
+    non_retryable: bool = False
+    step_key: str = ""
+    attempt: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepInfo:
+    """One entry of a run's journal."""
+
+    key: str
+    kind: str
+    status: str
+    attempts: int
+    output: Any
+    error: RunError | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Run:
+    """A run as the coordinator last reported it."""
+
+    id: str
+    task_id: str
+    status: RunStatus
+    attempt: int
+    payload: Any
+    output: Any
+    error: RunError | None
+    idempotency_key: str
+    tags: tuple[str, ...]
+    metadata: dict[str, str]
+    created_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    steps: tuple[StepInfo, ...] = ()
+    created: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (times as ISO 8601), as `ratchet runs show --json` prints."""
+
+        def iso(value: dt.datetime | None) -> str | None:
+            return None if value is None else value.isoformat()
+
+        def err(e: RunError | None) -> dict[str, Any] | None:
+            return None if e is None else dataclasses.asdict(e)
+
+        return {
+            "id": self.id,
+            "task": self.task_id,
+            "status": self.status.value,
+            "attempt": self.attempt,
+            "payload": self.payload,
+            "output": self.output,
+            "error": err(self.error),
+            "idempotency_key": self.idempotency_key or None,
+            "tags": list(self.tags),
+            "metadata": self.metadata,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "steps": [
+                {
+                    "key": s.key,
+                    "kind": s.kind,
+                    "status": s.status,
+                    "attempts": s.attempts,
+                    "output": s.output,
+                    "error": err(s.error),
+                    "started_at": iso(s.started_at),
+                    "finished_at": iso(s.finished_at),
+                    "duration_s": s.duration,
+                }
+                for s in self.steps
+            ],
+        }

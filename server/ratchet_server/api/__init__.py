@@ -1,0 +1,1 @@
+"""gRPC servicers: translate protobuf to engine calls and back, check auth."""

@@ -1,0 +1,153 @@
+"""Protobuf <-> domain objects. The only module of the server that builds messages."""
+
+from __future__ import annotations
+
+import json
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from ratchet import Retry
+from ratchet.v1 import common_pb2, run_pb2, worker_pb2
+from ratchet_server import model
+from ratchet_server.engine import errors
+from ratchet_server.engine.engine import DEFAULT_TASK_RETRY, TriggerSpec
+
+RUN_STATUS_TO_PB = {s: getattr(common_pb2, f"RUN_STATUS_{s.value}") for s in model.RunStatus}
+RUN_STATUS_FROM_PB = {v: k for k, v in RUN_STATUS_TO_PB.items()}
+STEP_KIND_TO_PB = {k: getattr(common_pb2, f"STEP_KIND_{k.name}") for k in model.StepKind}
+STEP_KIND_FROM_PB = {v: k for k, v in STEP_KIND_TO_PB.items()}
+STEP_STATUS_TO_PB = {s: getattr(common_pb2, f"STEP_STATUS_{s.name}") for s in model.StepStatus}
+STEP_EVENT_FROM_PB = {
+    getattr(worker_pb2, f"STEP_EVENT_{e.name}"): e for e in model.StepEvent
+}
+
+
+def ts(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    out = timestamp_pb2.Timestamp()
+    out.FromNanoseconds(int(seconds * 1e9))
+    return out
+
+
+def from_ts(value: timestamp_pb2.Timestamp, present: bool) -> float | None:
+    return value.ToNanoseconds() / 1e9 if present else None
+
+
+def dur(seconds: float) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromNanoseconds(int(seconds * 1e9))
+    return out
+
+
+def seconds(value: duration_pb2.Duration) -> float:
+    return value.ToNanoseconds() / 1e9
+
+
+def retry_from_pb(pb: common_pb2.RetryPolicy, default: Retry) -> Retry:
+    try:
+        return Retry(
+            max_attempts=pb.max_attempts or default.max_attempts,
+            factor=pb.factor or default.factor,
+            min_delay=seconds(pb.min_delay) if pb.HasField("min_delay") else default.min_delay,
+            max_delay=seconds(pb.max_delay) if pb.HasField("max_delay") else default.max_delay,
+            jitter=pb.jitter,
+        )
+    except ValueError as exc:
+        raise errors.InvalidArgument(f"invalid retry policy: {exc}") from None
+
+
+def retry_to_pb(retry: Retry) -> common_pb2.RetryPolicy:
+    return common_pb2.RetryPolicy(
+        max_attempts=retry.max_attempts, factor=retry.factor, min_delay=dur(retry.min_delay),
+        max_delay=dur(retry.max_delay), jitter=retry.jitter)
+
+
+def error_from_pb(pb: common_pb2.ErrorInfo) -> model.ErrorInfo:
+    return model.ErrorInfo(type=pb.type or "Error", message=pb.message, stack=pb.stack,
+                           non_retryable=pb.non_retryable, step_key=pb.step_key,
+                           attempt=pb.attempt)
+
+
+def error_to_pb(error: model.ErrorInfo | None) -> common_pb2.ErrorInfo | None:
+    if error is None:
+        return None
+    return common_pb2.ErrorInfo(type=error.type, message=error.message, stack=error.stack,
+                                non_retryable=error.non_retryable, step_key=error.step_key,
+                                attempt=error.attempt)
+
+
+def _utf8(text: str | None) -> bytes:
+    return b"" if text is None else text.encode("utf-8")
+
+
+def step_to_pb(step: model.Step) -> common_pb2.Step:
+    return common_pb2.Step(
+        key=step.key, kind=STEP_KIND_TO_PB[step.kind], status=STEP_STATUS_TO_PB[step.status],
+        attempts=step.attempts, output=_utf8(step.output), error=error_to_pb(step.error),
+        started_at=ts(step.started_at), finished_at=ts(step.finished_at),
+        retry_base=step.retry_base)
+
+
+def run_to_pb(run: model.Run) -> run_pb2.Run:
+    return run_pb2.Run(
+        id=run.id, task_id=run.task_id, status=RUN_STATUS_TO_PB[run.status],
+        attempt=run.attempt, payload=_utf8(run.payload), output=_utf8(run.output),
+        error=error_to_pb(run.error), idempotency_key=run.idempotency_key or "",
+        tags=list(run.tags), metadata=dict(run.metadata), priority=run.priority,
+        queue=run.queue, concurrency_key=run.concurrency_key or "",
+        parent_run_id=run.parent_run_id or "", created_at=ts(run.created_at),
+        started_at=ts(run.started_at), finished_at=ts(run.finished_at),
+        run_at=ts(run.run_at) if run.status is model.RunStatus.QUEUED else None,
+        state=_utf8(run.state), retry=retry_to_pb(run.retry))
+
+
+def trigger_spec(task_id: str, payload: bytes, opts: run_pb2.TriggerOptions) -> TriggerSpec:
+    for tag in opts.tags:
+        if not tag or len(tag) > 128:
+            raise errors.InvalidArgument("tags must be 1 to 128 characters")
+    return TriggerSpec(
+        task_id=task_id,
+        payload=payload,
+        idempotency_key=opts.idempotency_key or None,
+        idempotency_ttl=seconds(opts.idempotency_key_ttl)
+        if opts.HasField("idempotency_key_ttl") else None,
+        delay=seconds(opts.delay) if opts.HasField("delay") else None,
+        ttl=seconds(opts.ttl) if opts.HasField("ttl") else None,
+        priority=opts.priority,
+        queue=opts.queue or None,
+        concurrency_key=opts.concurrency_key or None,
+        tags=tuple(opts.tags),
+        metadata=dict(opts.metadata),
+        retry=retry_from_pb(opts.retry, DEFAULT_TASK_RETRY) if opts.HasField("retry") else None,
+        max_duration=seconds(opts.max_duration) if opts.HasField("max_duration") else None,
+    )
+
+
+def task_from_pb(env: str, pb: worker_pb2.TaskDefinition) -> model.TaskDef:
+    def schema(raw: bytes, what: str) -> str | None:
+        if not raw:
+            return None
+        try:
+            text = raw.decode("utf-8")
+            json.loads(text)
+        except (UnicodeDecodeError, ValueError):
+            raise errors.InvalidArgument(f"task {pb.id!r}: {what} is not JSON") from None
+        return text
+
+    return model.TaskDef(
+        env=env, id=pb.id, version=pb.version, queue=pb.queue or pb.id,
+        retry=retry_from_pb(pb.retry, DEFAULT_TASK_RETRY),
+        payload_schema=schema(pb.payload_schema, "payload_schema"),
+        output_schema=schema(pb.output_schema, "output_schema"),
+        max_duration=seconds(pb.max_duration) if pb.HasField("max_duration") else None)
+
+
+def lease_to_pb(leased: model.LeasedRun, lease_ttl: float) -> worker_pb2.LeaseGrant:
+    run = leased.run
+    return worker_pb2.LeaseGrant(
+        lease_id=run.lease_id or "", run_id=run.id, task_id=run.task_id, attempt=run.attempt,
+        snapshot=worker_pb2.Snapshot(payload=_utf8(run.payload),
+                                     steps=[step_to_pb(s) for s in leased.steps],
+                                     state=_utf8(run.state)),
+        expires_at=ts(run.lease_expires_at))

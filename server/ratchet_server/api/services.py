@@ -1,0 +1,266 @@
+"""The gRPC servicers. They translate and delegate: every rule is in the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from ratchet.v1 import run_pb2, run_pb2_grpc, system_pb2, system_pb2_grpc, worker_pb2
+from ratchet.v1 import worker_pb2_grpc
+from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, __version__, model
+from ratchet_server.api import auth, convert
+from ratchet_server.api.status import code_for
+from ratchet_server.engine import errors
+from ratchet_server.engine.engine import CancelPush, Engine, LeasePush, Session
+
+log = logging.getLogger("ratchet.api")
+
+R = TypeVar("R")
+
+MAX_SLOTS = 10_000
+
+
+def _unary(
+    fn: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
+    """Turn engine errors into the matching gRPC status."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await fn(self, request, context)
+        except errors.EngineError as exc:
+            await context.abort(code_for(exc), str(exc))
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @_unary
+    async def Trigger(self, request: Any, context: Any) -> run_pb2.TriggerResponse:
+        spec = convert.trigger_spec(request.task_id, request.payload, request.options)
+        [(run, created)] = await self._engine.trigger(auth.principal().env, [spec])
+        return run_pb2.TriggerResponse(run=convert.run_to_pb(run), created=created)
+
+    @_unary
+    async def BatchTrigger(self, request: Any, context: Any) -> run_pb2.BatchTriggerResponse:
+        specs = [convert.trigger_spec(i.task_id, i.payload, i.options) for i in request.items]
+        results = await self._engine.trigger(auth.principal().env, specs)
+        return run_pb2.BatchTriggerResponse(results=[
+            run_pb2.TriggerResponse(run=convert.run_to_pb(run), created=created)
+            for run, created in results])
+
+    @_unary
+    async def GetRun(self, request: Any, context: Any) -> run_pb2.GetRunResponse:
+        run, steps = await self._engine.get_run(auth.principal().env, request.run_id)
+        return run_pb2.GetRunResponse(run=convert.run_to_pb(run),
+                                      steps=[convert.step_to_pb(s) for s in steps])
+
+    @_unary
+    async def ListRuns(self, request: Any, context: Any) -> run_pb2.ListRunsResponse:
+        try:
+            statuses = tuple(convert.RUN_STATUS_FROM_PB[s] for s in request.statuses)
+        except KeyError:
+            raise errors.InvalidArgument("unknown run status in filter") from None
+        flt = model.RunFilter(env=auth.principal().env, statuses=statuses,
+                              task_id=request.task_id or None, tag=request.tag or None)
+        runs, token = await self._engine.list_runs(flt, request.page_size, request.page_token)
+        return run_pb2.ListRunsResponse(runs=[convert.run_to_pb(r) for r in runs],
+                                        next_page_token=token)
+
+    @_unary
+    async def CancelRun(self, request: Any, context: Any) -> run_pb2.CancelRunResponse:
+        run = await self._engine.cancel(auth.principal().env, request.run_id, request.reason)
+        return run_pb2.CancelRunResponse(run=convert.run_to_pb(run))
+
+
+class SystemService(system_pb2_grpc.SystemServiceServicer):  # type: ignore[misc]
+    async def GetVersion(self, request: Any, context: Any) -> system_pb2.GetVersionResponse:
+        return system_pb2.GetVersionResponse(
+            server_version=__version__, protocol_version=PROTOCOL_VERSION,
+            min_protocol_version=MIN_PROTOCOL_VERSION,
+            features=["session-stream", "batch-trigger", "lease-adoption"])
+
+
+class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc]
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def Session(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.SessionResponse]:
+        env = auth.principal().env
+        session: Session | None = None
+        try:
+            first = await anext(requests, None)
+            if first is None:
+                return
+            try:
+                session, welcome = await self._open(env, first)
+            except errors.EngineError as exc:
+                await context.abort(code_for(exc), str(exc))
+            yield welcome
+            out: asyncio.Queue[worker_pb2.SessionResponse | None] = asyncio.Queue()
+            async with _SessionTasks() as tasks:
+                tasks.start(self._read(requests, session, out, tasks))
+                tasks.start(self._forward(session, out))
+                while (message := await out.get()) is not None:
+                    yield message
+        finally:
+            if session is not None:
+                self._engine.close_session(session)
+
+    async def _open(
+        self, env: str, first: Any
+    ) -> tuple[Session, worker_pb2.SessionResponse]:
+        if first.WhichOneof("kind") != "hello":
+            raise errors.InvalidArgument("the first message of a session must be hello")
+        hello = first.hello
+        if hello.protocol_version and hello.protocol_version < MIN_PROTOCOL_VERSION:
+            raise errors.FailedPrecondition(
+                f"protocol version {hello.protocol_version} is no longer supported; "
+                f"this coordinator speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}")
+        if hello.slots > MAX_SLOTS:
+            raise errors.InvalidArgument(f"slots must be at most {MAX_SLOTS}")
+        ids = [t.id for t in hello.tasks]
+        if len(set(ids)) != len(ids):
+            raise errors.InvalidArgument("a task id appears twice in hello")
+        tasks = [convert.task_from_pb(env, t) for t in hello.tasks]
+        session, adopted = await self._engine.open_session(
+            env, hello.worker_id, tasks, hello.slots, list(hello.active_lease_ids))
+        cfg = self._engine.config
+        welcome = worker_pb2.SessionResponse(welcome=worker_pb2.Welcome(
+            session_id=session.id, protocol_version=PROTOCOL_VERSION,
+            heartbeat_interval=convert.dur(cfg.heartbeat_interval),
+            lease_ttl=convert.dur(cfg.lease_ttl), adopted_lease_ids=adopted,
+            server_version=__version__))
+        return session, welcome
+
+    async def _forward(
+        self, session: Session, out: asyncio.Queue[worker_pb2.SessionResponse | None]
+    ) -> None:
+        ttl = self._engine.config.lease_ttl
+        while True:
+            push = await session.outbox.get()
+            if isinstance(push, LeasePush):
+                out.put_nowait(worker_pb2.SessionResponse(
+                    lease=convert.lease_to_pb(push.leased, ttl)))
+            elif isinstance(push, CancelPush):
+                out.put_nowait(worker_pb2.SessionResponse(cancel=worker_pb2.CancelRun(
+                    run_id=push.run_id, lease_id=push.lease_id, reason=push.reason)))
+
+    async def _read(
+        self,
+        requests: AsyncIterator[Any],
+        session: Session,
+        out: asyncio.Queue[worker_pb2.SessionResponse | None],
+        tasks: _SessionTasks,
+    ) -> None:
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind == "heartbeat":
+                    tasks.start(self._engine.heartbeat(session))
+                elif kind == "slots":
+                    self._engine.set_slots(session, min(request.slots.slots, MAX_SLOTS))
+                elif kind in ("checkpoint", "complete", "release"):
+                    # Each in its own task: many in flight share one group commit.
+                    tasks.start(self._answer(session, request, kind, out))
+                else:
+                    out.put_nowait(_ack(request.request_id, grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"unexpected message {kind!r} in a session"))
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            out.put_nowait(None)
+
+    async def _answer(
+        self,
+        session: Session,
+        request: Any,
+        kind: str,
+        out: asyncio.Queue[worker_pb2.SessionResponse | None],
+    ) -> None:
+        try:
+            if kind == "checkpoint":
+                await self._checkpoint(session, request.checkpoint)
+            elif kind == "complete":
+                await self._complete(session, request.complete)
+            else:
+                await self._engine.release(session, run_id=request.release.run_id,
+                                           lease_id=request.release.lease_id)
+        except errors.EngineError as exc:
+            out.put_nowait(_ack(request.request_id, code_for(exc), str(exc)))
+        except Exception as exc:
+            log.exception("session %s: %s failed", session.id, kind)
+            out.put_nowait(_ack(request.request_id, grpc.StatusCode.INTERNAL,
+                                f"{type(exc).__name__}: {exc}"))
+        else:
+            out.put_nowait(_ack(request.request_id, grpc.StatusCode.OK, ""))
+
+    async def _checkpoint(self, session: Session, cp: Any) -> None:
+        event = convert.STEP_EVENT_FROM_PB.get(cp.event)
+        kind = convert.STEP_KIND_FROM_PB.get(cp.kind or 1)
+        if event is None or kind is None:
+            raise errors.InvalidArgument("checkpoint needs a known event and step kind")
+        await self._engine.checkpoint(
+            session, run_id=cp.run_id, lease_id=cp.lease_id, key=cp.step_key, kind=kind,
+            event=event, attempt=cp.attempt, retry_base=cp.retry_base,
+            output=cp.output if event is model.StepEvent.COMPLETED else None,
+            error=convert.error_from_pb(cp.error) if cp.HasField("error") else None,
+            started_at=convert.from_ts(cp.started_at, cp.HasField("started_at")),
+            finished_at=convert.from_ts(cp.finished_at, cp.HasField("finished_at")),
+            state=cp.state if cp.HasField("state") else None)
+
+    async def _complete(self, session: Session, c: Any) -> None:
+        state = c.state if c.HasField("state") else None
+        outcome = c.WhichOneof("outcome")
+        if outcome == "succeeded":
+            await self._engine.complete_success(
+                session, run_id=c.run_id, lease_id=c.lease_id, output=c.succeeded.output,
+                state=state)
+        elif outcome == "failed":
+            await self._engine.complete_failure(
+                session, run_id=c.run_id, lease_id=c.lease_id,
+                error=convert.error_from_pb(c.failed.error), state=state)
+        elif outcome == "suspended":
+            raise errors.InvalidArgument("suspended outcomes are not supported yet")
+        else:
+            raise errors.InvalidArgument("complete needs an outcome")
+
+
+def _ack(request_id: int, code: grpc.StatusCode, message: str) -> worker_pb2.SessionResponse:
+    return worker_pb2.SessionResponse(
+        request_id=request_id, ack=worker_pb2.Ack(code=code.value[0], message=message))
+
+
+class _SessionTasks:
+    """The tasks of one session, all cancelled when it ends."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def __aenter__(self) -> _SessionTasks:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

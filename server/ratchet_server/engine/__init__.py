@@ -1,0 +1,1 @@
+"""The engine: every state transition and rule; no protobuf, no SQL."""

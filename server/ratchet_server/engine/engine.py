@@ -1,0 +1,586 @@
+"""The engine: triggers, leases, checkpoints, completions, retries.
+
+The engine owns every rule and state transition of DESIGN §3. It keeps only
+soft state in memory (the sessions connected to this coordinator and what it
+pushed to them); the store holds the truth, so any replica can take over.
+
+Background loops, all started by `start()` and stopped by `stop()`:
+- the dispatcher pushes ready runs to sessions with free slots, woken by
+  triggers, freed slots, requeues and NOTIFY from other replicas, and by the
+  next due `run_at` (retry backoff, delay);
+- the reaper requeues (or fails) runs whose lease expired;
+- the writer applies fenced writes from many runs in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ratchet import Retry
+from ratchet_server import model
+from ratchet_server.engine import errors
+from ratchet_server.engine.ids import new_id
+from ratchet_server.engine.schemas import SchemaCache
+from ratchet_server.store import Store
+
+log = logging.getLogger("ratchet.engine")
+
+MAX_PAYLOAD_BYTES = 1024 * 1024
+MAX_STATE_BYTES = 256 * 1024
+MAX_BATCH = 1000
+DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
+DEFAULT_TASK_RETRY = Retry()
+TASK_CACHE_SECONDS = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Timing of leases and sessions (see docs/operations.md for the defaults)."""
+
+    lease_ttl: float = 30.0
+    heartbeat_interval: float = 5.0
+    session_grace: float = 1.0
+    reap_interval: float = 1.0
+    max_write_batch: int = 512
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TriggerSpec:
+    """One run to trigger, as a client asked for it."""
+
+    task_id: str
+    payload: bytes
+    idempotency_key: str | None = None
+    idempotency_ttl: float | None = None
+    delay: float | None = None
+    ttl: float | None = None
+    priority: int = 0
+    queue: str | None = None
+    concurrency_key: str | None = None
+    tags: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    retry: Retry | None = None
+    max_duration: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeasePush:
+    leased: model.LeasedRun
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CancelPush:
+    run_id: str
+    lease_id: str
+    reason: str
+
+
+Push = LeasePush | CancelPush
+
+
+class Session:
+    """One worker's stream to this coordinator."""
+
+    def __init__(self, env: str, worker_id: str, task_ids: Sequence[str], slots: int) -> None:
+        self.id = new_id("ses")
+        self.env = env
+        self.worker_id = worker_id
+        self.task_ids = tuple(sorted(set(task_ids)))
+        self.slots = slots
+        self.active: set[str] = set()  # lease ids held through this session
+        self.outbox: asyncio.Queue[Push] = asyncio.Queue()
+        self.closed = False
+
+    @property
+    def free(self) -> int:
+        return max(0, self.slots - len(self.active))
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    write: model.FencedWrite
+    future: asyncio.Future[bool]
+
+
+class Engine:
+    def __init__(self, store: Store, config: EngineConfig | None = None) -> None:
+        self.store = store
+        self.config = config or EngineConfig()
+        self._sessions: dict[str, Session] = {}
+        self._lease_session: dict[str, Session] = {}  # lease id -> local session
+        self._task_cache: dict[tuple[str, str], tuple[float, model.TaskDef | None]] = {}
+        self._schemas = SchemaCache()
+        self._wake = asyncio.Event()
+        self._writes: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._loops: list[asyncio.Task[None]] = []
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.listen(lambda env: self._wake.set())
+        for name, coro in (("dispatcher", self._dispatch_loop()), ("reaper", self._reap_loop()),
+                           ("writer", self._write_loop())):
+            self._loops.append(asyncio.create_task(coro, name=f"ratchet-{name}"))
+
+    async def stop(self) -> None:
+        for handle in self._timers:
+            handle.cancel()
+        for task in [*self._loops, *self._background]:
+            task.cancel()
+        for task in [*self._loops, *self._background]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._loops.clear()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- tasks --------------------------------------------------------------------
+
+    async def register_tasks(self, tasks: Sequence[model.TaskDef]) -> None:
+        for task in tasks:
+            if not task.id:
+                raise errors.InvalidArgument("task id must not be empty")
+            for schema in (task.payload_schema, task.output_schema):
+                if schema:
+                    self._schemas.check_schema(task.id, schema)
+        await self.store.upsert_tasks(tasks)
+        now = time.monotonic()
+        for task in tasks:
+            self._task_cache[(task.env, task.id)] = (now, task)
+
+    async def _task(self, env: str, task_id: str) -> model.TaskDef | None:
+        cached = self._task_cache.get((env, task_id))
+        if cached is not None and time.monotonic() - cached[0] < TASK_CACHE_SECONDS:
+            return cached[1]
+        task = await self.store.get_task(env, task_id)
+        self._task_cache[(env, task_id)] = (time.monotonic(), task)
+        return task
+
+    # --- runs ---------------------------------------------------------------------
+
+    async def trigger(
+        self, env: str, specs: Sequence[TriggerSpec]
+    ) -> list[tuple[model.Run, bool]]:
+        """Validate and create runs, all or none. Raises before writing anything."""
+        if not specs:
+            raise errors.InvalidArgument("nothing to trigger")
+        if len(specs) > MAX_BATCH:
+            raise errors.ResourceExhausted(f"a batch holds at most {MAX_BATCH} runs")
+        now = time.time()
+        new_runs = [await self._new_run(env, spec, now) for spec in specs]
+        results = await self.store.create_runs(new_runs)
+        if any(created for _, created in results):
+            self._wake.set()
+        return results
+
+    async def _new_run(self, env: str, spec: TriggerSpec, now: float) -> model.NewRun:
+        if not spec.task_id:
+            raise errors.InvalidArgument("task_id must not be empty")
+        task = await self._task(env, spec.task_id)
+        if task is None:
+            raise errors.NotFound(
+                f"task {spec.task_id!r} is not registered in environment {env!r}: "
+                "start a worker that serves it first")
+        payload = decode_json(spec.payload, "payload", MAX_PAYLOAD_BYTES)
+        if task.payload_schema:
+            self._schemas.validate(task.id, task.payload_schema, json.loads(payload))
+        if spec.priority and not -1000 <= spec.priority <= 1000:
+            raise errors.InvalidArgument("priority must be between -1000 and 1000")
+        key = spec.idempotency_key or None
+        return model.NewRun(
+            id=new_id("run"),
+            env=env,
+            task_id=task.id,
+            payload=payload,
+            queue=spec.queue or task.queue,
+            retry=spec.retry or task.retry,
+            priority=spec.priority,
+            run_at=now + max(0.0, spec.delay or 0.0),
+            idempotency_key=key,
+            idempotency_expires_at=(
+                None if key is None else now + (spec.idempotency_ttl or DEFAULT_IDEMPOTENCY_TTL)),
+            concurrency_key=spec.concurrency_key or None,
+            tags=spec.tags,
+            metadata=dict(spec.metadata),
+            ttl=spec.ttl,
+            max_duration=spec.max_duration or task.max_duration,
+        )
+
+    async def get_run(self, env: str, run_id: str) -> tuple[model.Run, list[model.Step]]:
+        run = await self.store.get_run(env, run_id)
+        if run is None:
+            raise errors.NotFound(f"run {run_id!r} not found")
+        return run, await self.store.get_steps(run_id)
+
+    async def list_runs(
+        self, flt: model.RunFilter, page_size: int, page_token: str
+    ) -> tuple[list[model.Run], str]:
+        limit = min(max(page_size or 50, 1), 1000)
+        cursor = decode_page_token(page_token)
+        runs = await self.store.list_runs(flt, limit + 1, cursor)
+        if len(runs) <= limit:
+            return runs, ""
+        last = runs[limit - 1]
+        return runs[:limit], f"{last.created_at!r}|{last.id}"
+
+    async def cancel(self, env: str, run_id: str, reason: str = "") -> model.Run:
+        run = await self.store.cancel_run(env, run_id)
+        if run is None:
+            existing = await self.store.get_run(env, run_id)
+            if existing is None:
+                raise errors.NotFound(f"run {run_id!r} not found")
+            raise errors.FailedPrecondition(
+                f"run {run_id!r} is already {existing.status.value}")
+        if run.lease_id and run.lease_owner:
+            session = self._lease_session.pop(run.lease_id, None)
+            if session is not None:
+                session.active.discard(run.lease_id)
+                session.outbox.put_nowait(
+                    CancelPush(run_id=run.id, lease_id=run.lease_id,
+                               reason=reason or "canceled"))
+                self._wake.set()
+        return run
+
+    # --- sessions -----------------------------------------------------------------
+
+    async def open_session(
+        self,
+        env: str,
+        worker_id: str,
+        tasks: Sequence[model.TaskDef],
+        slots: int,
+        active_lease_ids: Sequence[str],
+    ) -> tuple[Session, list[str]]:
+        """Register the worker's tasks, adopt its surviving leases, start pushing."""
+        await self.register_tasks(tasks)
+        session = Session(env, worker_id, [t.id for t in tasks], slots)
+        adopted: list[str] = []
+        if active_lease_ids:
+            adopted = await self.store.adopt_leases(
+                env, list(active_lease_ids), session.id, self.config.lease_ttl)
+            for lease_id in adopted:
+                session.active.add(lease_id)
+                self._lease_session[lease_id] = session
+        self._sessions[session.id] = session
+        log.info("session %s opened: worker %s, env %s, tasks %s, slots %d, adopted %d",
+                 session.id, worker_id, env, ",".join(session.task_ids), slots, len(adopted))
+        self._wake.set()
+        return session, adopted
+
+    def close_session(self, session: Session) -> None:
+        """The stream ended. Its leases are released after the grace period,
+        unless the worker reconnected and adopted them by then."""
+        if session.closed:
+            return
+        session.closed = True
+        self._sessions.pop(session.id, None)
+        for lease_id in session.active:
+            if self._lease_session.get(lease_id) is session:
+                del self._lease_session[lease_id]
+        log.info("session %s closed; its leases are released in %.1fs",
+                 session.id, self.config.session_grace)
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle | None = None
+
+        def fire() -> None:
+            if handle is not None:
+                self._timers.discard(handle)
+            self._spawn(self._release_session(session.id))
+
+        handle = loop.call_later(self.config.session_grace, fire)
+        self._timers.add(handle)
+
+    async def _release_session(self, session_id: str) -> None:
+        refs = await self.store.owned_leases(session_id)
+        await self._lose_leases(refs, "the worker's session closed")
+
+    async def heartbeat(self, session: Session) -> None:
+        await self.store.renew_leases(session.id, self.config.lease_ttl)
+
+    def set_slots(self, session: Session, slots: int) -> None:
+        session.slots = slots
+        self._wake.set()
+
+    # --- progress under a lease -----------------------------------------------------
+
+    async def checkpoint(
+        self,
+        session: Session,
+        *,
+        run_id: str,
+        lease_id: str,
+        key: str,
+        kind: model.StepKind,
+        event: model.StepEvent,
+        attempt: int,
+        retry_base: int,
+        output: bytes | None,
+        error: model.ErrorInfo | None,
+        started_at: float | None,
+        finished_at: float | None,
+        state: bytes | None,
+    ) -> None:
+        """Record a step event; returns once committed. Raises StaleLease."""
+        if not key:
+            raise errors.InvalidArgument("step_key must not be empty")
+        if attempt < 1:
+            raise errors.InvalidArgument("attempt is 1-based")
+        out = None
+        if event is model.StepEvent.COMPLETED:
+            out = decode_json(output or b"null", "output", MAX_PAYLOAD_BYTES)
+        elif event in (model.StepEvent.RETRYING, model.StepEvent.FAILED) and error is None:
+            raise errors.InvalidArgument(f"a {event.value} checkpoint needs an error")
+        status = {
+            model.StepEvent.STARTED: model.StepStatus.RUNNING,
+            model.StepEvent.RETRYING: model.StepStatus.RUNNING,
+            model.StepEvent.COMPLETED: model.StepStatus.COMPLETED,
+            model.StepEvent.FAILED: model.StepStatus.FAILED,
+        }[event]
+        event_type = {
+            model.StepEvent.STARTED: None,
+            model.StepEvent.RETRYING: model.EventType.STEP_RETRYING,
+            model.StepEvent.COMPLETED: model.EventType.STEP_COMPLETED,
+            model.StepEvent.FAILED: model.EventType.STEP_FAILED,
+        }[event]
+        write = model.StepWrite(
+            run_id=run_id, lease_id=lease_id, key=key, kind=kind, status=status,
+            attempt=attempt, retry_base=retry_base, output=out, error=error,
+            started_at=started_at,
+            finished_at=finished_at if status is not model.StepStatus.RUNNING else None,
+            state=self._state(state),
+            events=() if event_type is None else (model.Event(
+                run_id=run_id, type=event_type, at=time.time(),
+                attempt=attempt, lease_id=lease_id, step_key=key,
+                data=None if error is None else json.dumps(
+                    {"type": error.type, "message": error.message})),),
+        )
+        if not await self._write(write):
+            raise errors.StaleLease(
+                f"lease {lease_id!r} of run {run_id!r} is no longer current")
+
+    async def complete_success(
+        self, session: Session, *, run_id: str, lease_id: str, output: bytes,
+        state: bytes | None,
+    ) -> None:
+        out = decode_json(output or b"null", "output", MAX_PAYLOAD_BYTES)
+        now = time.time()
+        write = model.RunTransition(
+            run_id=run_id, lease_id=lease_id, status=model.RunStatus.COMPLETED, output=out,
+            state=self._state(state),
+            events=(model.Event(run_id=run_id, type=model.EventType.FINISHED, at=now,
+                                lease_id=lease_id, data=json.dumps({"status": "COMPLETED"})),))
+        await self._finish(session, write, model.RunStatus.COMPLETED)
+
+    async def complete_failure(
+        self, session: Session, *, run_id: str, lease_id: str, error: model.ErrorInfo,
+        state: bytes | None,
+    ) -> None:
+        ref = await self.store.get_lease(run_id, lease_id)
+        if ref is None:
+            await self._check_already_finished(session, run_id, lease_id, model.RunStatus.FAILED)
+            return
+        write = self._failure_transition(ref, error, state=self._state(state), immediate=False)
+        await self._finish(session, write, write.status)
+
+    async def release(self, session: Session, *, run_id: str, lease_id: str) -> None:
+        """Give a run back without counting the attempt (a draining worker)."""
+        write = model.RunTransition(
+            run_id=run_id, lease_id=lease_id, status=model.RunStatus.QUEUED,
+            run_at=time.time(), refund_attempt=True,
+            events=(model.Event(run_id=run_id, type=model.EventType.LEASE_RELEASED,
+                                at=time.time(), lease_id=lease_id),))
+        await self._finish(session, write, model.RunStatus.QUEUED)
+
+    async def _finish(
+        self, session: Session, write: model.RunTransition, status: model.RunStatus
+    ) -> None:
+        applied = await self._write(write)
+        self._forget_lease(write.lease_id)
+        self._wake.set()
+        if not applied:
+            await self._check_already_finished(session, write.run_id, write.lease_id, status)
+
+    async def _check_already_finished(
+        self, session: Session, run_id: str, lease_id: str, status: model.RunStatus
+    ) -> None:
+        """A resent completion (after a reconnect) whose first copy was committed is fine."""
+        run = await self.store.get_run(session.env, run_id)
+        if run is not None and run.lease_id == lease_id and (
+            run.status is status
+            or (status is model.RunStatus.FAILED and run.status is model.RunStatus.QUEUED)
+        ):
+            return
+        raise errors.StaleLease(f"lease {lease_id!r} of run {run_id!r} is no longer current")
+
+    def _failure_transition(
+        self, ref: model.LeaseRef, error: model.ErrorInfo, *, state: str | None,
+        immediate: bool,
+    ) -> model.RunTransition:
+        """Apply the run's retry policy to a failed attempt (DESIGN §7)."""
+        now = time.time()
+        error = dataclasses.replace(error, attempt=error.attempt or ref.attempt)
+        if not error.non_retryable and ref.retry.allows_another(ref.attempt):
+            delay = 0.0 if immediate else ref.retry.delay_after(ref.attempt)
+            return model.RunTransition(
+                run_id=ref.run_id, lease_id=ref.lease_id, status=model.RunStatus.QUEUED,
+                error=error, state=state, run_at=now + delay,
+                events=(model.Event(
+                    run_id=ref.run_id, type=model.EventType.RETRY_SCHEDULED, at=now,
+                    attempt=ref.attempt, lease_id=ref.lease_id,
+                    data=json.dumps({"delay": delay, "error": error.type,
+                                     "message": error.message})),))
+        return model.RunTransition(
+            run_id=ref.run_id, lease_id=ref.lease_id, status=model.RunStatus.FAILED,
+            error=error, state=state,
+            events=(model.Event(
+                run_id=ref.run_id, type=model.EventType.FINISHED, at=now, attempt=ref.attempt,
+                lease_id=ref.lease_id,
+                data=json.dumps({"status": "FAILED", "error": error.type,
+                                 "message": error.message})),))
+
+    async def _lose_leases(self, refs: Sequence[model.LeaseRef], why: str) -> None:
+        """Leases whose holder is gone: the attempt counts as failed (DESIGN §3)."""
+        for ref in refs:
+            error = model.ErrorInfo(type="LeaseLost", message=why, attempt=ref.attempt)
+            transition = self._failure_transition(ref, error, state=None, immediate=True)
+            lost = model.Event(run_id=ref.run_id, type=model.EventType.LEASE_LOST,
+                               at=time.time(), attempt=ref.attempt, lease_id=ref.lease_id,
+                               data=json.dumps({"reason": why}))
+            applied = await self._write(
+                dataclasses.replace(transition, events=(lost, *transition.events)))
+            if applied:
+                log.warning("run %s: lease %s lost (%s)", ref.run_id, ref.lease_id, why)
+                self._forget_lease(ref.lease_id)
+        if refs:
+            self._wake.set()
+
+    def _forget_lease(self, lease_id: str) -> None:
+        session = self._lease_session.pop(lease_id, None)
+        if session is not None:
+            session.active.discard(lease_id)
+
+    def _state(self, state: bytes | None) -> str | None:
+        if state is None:
+            return None
+        return decode_json(state, "state", MAX_STATE_BYTES)
+
+    # --- group commit -------------------------------------------------------------
+
+    async def _write(self, write: model.FencedWrite) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._writes.put_nowait(_Pending(write, future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._writes.get()]
+            while not self._writes.empty() and len(batch) < self.config.max_write_batch:
+                batch.append(self._writes.get_nowait())
+            try:
+                results = await self.store.apply([p.write for p in batch])
+            except asyncio.CancelledError:
+                for p in batch:
+                    p.future.cancel()
+                raise
+            except Exception as exc:
+                log.exception("group commit of %d writes failed", len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p, ok in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(ok)
+
+    # --- dispatcher and reaper ----------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                more, next_due = await self._dispatch_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("dispatch failed; retrying")
+                more, next_due = False, time.time() + 0.5
+            if more:
+                continue
+            timeout = 1.0 if next_due is None else min(1.0, max(0.005, next_due - time.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _dispatch_once(self) -> tuple[bool, float | None]:
+        more = False
+        next_due: float | None = None
+        for session in list(self._sessions.values()):
+            if session.closed or session.free == 0 or not session.task_ids:
+                continue
+            want = session.free
+            leased = await self.store.lease_ready(
+                env=session.env, task_ids=session.task_ids, limit=want, owner=session.id,
+                nonce=secrets.token_hex(6), ttl=self.config.lease_ttl)
+            if session.closed:
+                # Closed while we leased: the grace timer will release these.
+                continue
+            for item in leased:
+                assert item.run.lease_id is not None
+                session.active.add(item.run.lease_id)
+                self._lease_session[item.run.lease_id] = session
+                session.outbox.put_nowait(LeasePush(item))
+            if len(leased) == want:
+                more = True
+            elif not leased:
+                due = await self.store.next_run_at(session.env, session.task_ids)
+                if due is not None and (next_due is None or due < next_due):
+                    next_due = due
+        return more, next_due
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.config.reap_interval, self.config.lease_ttl / 4))
+            try:
+                refs = await self.store.expired_leases(limit=200)
+                if refs:
+                    await self._lose_leases(refs, "the lease expired without a heartbeat")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reaping expired leases failed; retrying")
+
+
+def decode_json(data: bytes, what: str, limit: int) -> str:
+    """Check that `data` is one UTF-8 JSON document within `limit` bytes."""
+    if len(data) > limit:
+        raise errors.ResourceExhausted(f"{what} is {len(data)} bytes; the limit is {limit}")
+    try:
+        text = data.decode("utf-8")
+        json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise errors.InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+    return text
+
+
+def decode_page_token(token: str) -> tuple[float, str] | None:
+    if not token:
+        return None
+    at, sep, run_id = token.partition("|")
+    try:
+        if not sep:
+            raise ValueError
+        return float(at), run_id
+    except ValueError:
+        raise errors.InvalidArgument("malformed page_token") from None
