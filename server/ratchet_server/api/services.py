@@ -168,6 +168,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
     ) -> None:
         try:
             async for request in requests:
+                session.seen()
                 kind = request.WhichOneof("kind")
                 if kind == "heartbeat":
                     tasks.start(self._engine.heartbeat(session))

@@ -98,6 +98,10 @@ class Session:
         self.active: set[str] = set()  # lease ids held through this session
         self.outbox: asyncio.Queue[Push] = asyncio.Queue()
         self.closed = False
+        self.last_seen = time.monotonic()
+
+    def seen(self) -> None:
+        self.last_seen = time.monotonic()
 
     @property
     def free(self) -> int:
@@ -308,6 +312,7 @@ class Engine:
         await self._lose_leases(refs, "the worker's session closed")
 
     async def heartbeat(self, session: Session) -> None:
+        session.seen()
         await self.store.renew_leases(session.id, self.config.lease_ttl)
 
     def set_slots(self, session: Session, slots: int) -> None:
@@ -526,8 +531,13 @@ class Engine:
     async def _dispatch_once(self) -> tuple[bool, float | None]:
         more = False
         next_due: float | None = None
+        # A session silent for two heartbeat intervals may belong to a stopped
+        # process: lease nothing to it until it speaks again.
+        silent_after = time.monotonic() - 2 * self.config.heartbeat_interval
         for session in list(self._sessions.values()):
             if session.closed or session.free == 0 or not session.task_ids:
+                continue
+            if session.last_seen < silent_after:
                 continue
             want = session.free
             leased = await self.store.lease_ready(

@@ -1,0 +1,133 @@
+"""Tasks the integration tests run in real worker processes.
+
+Side effects are lines appended to files in the directory the payload names,
+so tests can count how often each step really ran, and in which process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+import ratchet
+
+
+def mark(directory: str, name: str) -> int:
+    """Append this process's pid to directory/name; return how many lines it has now."""
+    path = Path(directory) / name
+    with path.open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    return len(path.read_text().splitlines())
+
+
+class Work(pydantic.BaseModel):
+    dir: str
+    hold: float = 30.0
+
+
+@ratchet.task(id="five-steps", retry=ratchet.Retry(max_attempts=5, min_delay=0.05))
+async def five_steps(ctx: ratchet.Context, payload: Work) -> dict[str, Any]:
+    """Step 3 blocks (in a thread) on its first execution, so a test can kill its worker."""
+    done = []
+    for i in range(1, 6):
+        def step(i: int = i) -> int:
+            n = mark(payload.dir, f"step{i}")
+            if i == 3 and n == 1:
+                time.sleep(payload.hold)
+            return i
+        done.append(await ctx.step(f"step{i}", step))
+    return {"steps": done, "pid": os.getpid()}
+
+
+@ratchet.task(id="silent", retry=ratchet.Retry(max_attempts=5, min_delay=0.05))
+async def silent(ctx: ratchet.Context, payload: Work) -> dict[str, Any]:
+    """Step two holds on its first execution, so a test can SIGSTOP its worker there."""
+    await ctx.step("one", mark, payload.dir, "one")
+
+    def two() -> int:
+        n = mark(payload.dir, "two")
+        if n == 1:
+            time.sleep(payload.hold)
+        return n
+
+    await ctx.step("two", two)
+    pid = await ctx.step("three", os.getpid)
+    return {"pid": pid}
+
+
+class Flaky(pydantic.BaseModel):
+    dir: str
+    failures: int = 2
+
+
+@ratchet.task(id="flaky-step")
+async def flaky_step(ctx: ratchet.Context, payload: Flaky) -> str:
+    def call() -> str:
+        n = mark(payload.dir, "flaky")
+        if n <= payload.failures:
+            raise ConnectionError(f"transient failure {n}")
+        return f"ok after {n}"
+
+    return await ctx.step("call", call, retry=ratchet.Retry(max_attempts=5, min_delay=0.05,
+                                                            max_delay=0.2))
+
+
+@ratchet.task(id="non-retryable", retry=ratchet.Retry(max_attempts=5, min_delay=0.05))
+async def non_retryable(ctx: ratchet.Context, payload: dict[str, Any]) -> None:
+    def refuse() -> None:
+        mark(payload["dir"], "refuse")
+        raise ratchet.NonRetryableError("the input can never work")
+
+    await ctx.step("refuse", refuse, retry=ratchet.Retry(max_attempts=5, min_delay=0.05))
+
+
+@ratchet.task(id="always-fails", retry=ratchet.Retry(max_attempts=3, min_delay=0.05,
+                                                    max_delay=0.1))
+async def always_fails(ctx: ratchet.Context, payload: dict[str, Any]) -> None:
+    """A completed step, then a failure on every attempt: the task policy gives up."""
+    await ctx.step("prepare", mark, payload["dir"], "prepare")
+    n = mark(payload["dir"], "attempts")
+    raise ValueError(f"bug on attempt {n}")
+
+
+@ratchet.task(id="fails-once", retry=ratchet.Retry(max_attempts=3, min_delay=0.05))
+async def fails_once(ctx: ratchet.Context, payload: dict[str, Any]) -> str:
+    """Task-level retry: the first attempt fails after two completed steps."""
+    await ctx.step("first", mark, payload["dir"], "first")
+    await ctx.step("second", mark, payload["dir"], "second")
+    ctx.state["seen"] = ctx.state.get("seen", 0) + 1
+    if mark(payload["dir"], "attempts") == 1:
+        raise RuntimeError("transient crash after two steps")
+    return f"done on attempt {ctx.attempt}"
+
+
+class Order(pydantic.BaseModel):
+    order_id: str
+    quantity: int = pydantic.Field(gt=0)
+
+
+@ratchet.task(id="typed-order")
+async def typed_order(ctx: ratchet.Context, payload: Order) -> dict[str, Any]:
+    return {"order": payload.order_id, "quantity": payload.quantity}
+
+
+class Slow(pydantic.BaseModel):
+    dir: str
+    steps: int = 4
+    seconds: float = 0.3
+
+
+@ratchet.task(id="slow-steps", retry=ratchet.Retry(max_attempts=10, min_delay=0.05))
+async def slow_steps(ctx: ratchet.Context, payload: Slow) -> int:
+    total = 0
+    for i in range(payload.steps):
+        def work(i: int = i) -> int:
+            time.sleep(payload.seconds)
+            mark(payload.dir, f"{ctx.run_id}-{i}")
+            return i
+        total += await ctx.step(f"s{i}", work)
+    return total
