@@ -90,6 +90,7 @@ class Process:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+        self._file.close()
 
     def terminate(self, timeout: float = 10) -> int:
         if self.proc.poll() is None:
@@ -100,7 +101,8 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        self._file.close()
+        if not self._file.closed:
+            self._file.close()
         return int(self.proc.returncode)
 
 
