@@ -109,9 +109,11 @@ class Client:
         page_token: str = "",
     ) -> tuple[list[Run], str]:
         """One page of runs, newest first, and the token of the next page ("" at the end)."""
-        statuses = [] if status is None else [status] if isinstance(status, str) else status
+        statuses: Sequence[RunStatus | str] = (
+            [] if status is None else [status] if isinstance(status, str) else status)
+        codes: list[Any] = [_status_pb(s) for s in statuses]
         request = run_pb2.ListRunsRequest(
-            statuses=[_status_pb(s) for s in statuses],
+            statuses=codes,
             task_id="" if task is None else _task_id(task), tag=tag or "", page_size=limit,
             page_token=page_token)
         response = await self._call(self._runs.ListRuns, request)

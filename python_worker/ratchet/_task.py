@@ -76,7 +76,7 @@ class Task(Generic[P, Out]):
 
 
 def task(
-    id: str | None = None,  # noqa: A002 - `id` is the word users know from the article
+    id: str | None = None,
     *,
     retry: Retry | None = None,
     queue: str | None = None,

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from ratchet import __version__
-from ratchet._codec import error_from_exception, error_to_pb, retry_to_pb, duration
+from ratchet._codec import duration, error_from_exception, error_to_pb, retry_to_pb
 from ratchet._context import Context
 from ratchet._errors import LeaseLostError, RatchetError
 from ratchet._task import Task
@@ -177,7 +177,7 @@ class Worker:
                         f"{exc.details()}") from None
                 log.warning("connection to %s lost: %s", self.coordinator,
                             exc.details() or exc.code().name)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 log.warning("connection to %s failed: %s", self.coordinator, exc)
             finally:
                 self._outbound = None

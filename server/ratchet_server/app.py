@@ -12,8 +12,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ratchet.v1 import run_pb2, run_pb2_grpc, system_pb2, system_pb2_grpc, worker_pb2
-from ratchet.v1 import worker_pb2_grpc
+from ratchet.v1 import (
+    run_pb2,
+    run_pb2_grpc,
+    system_pb2,
+    system_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from ratchet_server.api.auth import AuthInterceptor
 from ratchet_server.api.services import RunService, SystemService, WorkerService
 from ratchet_server.engine.engine import Engine, EngineConfig

@@ -41,7 +41,7 @@ def dur(seconds: float) -> duration_pb2.Duration:
 
 
 def seconds(value: duration_pb2.Duration) -> float:
-    return value.ToNanoseconds() / 1e9
+    return float(value.ToNanoseconds()) / 1e9
 
 
 def retry_from_pb(pb: common_pb2.RetryPolicy, default: Retry) -> Retry:

@@ -11,13 +11,20 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ratchet.v1 import run_pb2, run_pb2_grpc, system_pb2, system_pb2_grpc, worker_pb2
-from ratchet.v1 import worker_pb2_grpc
+from ratchet.v1 import (
+    run_pb2,
+    run_pb2_grpc,
+    system_pb2,
+    system_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, __version__, model
 from ratchet_server.api import auth, convert
 from ratchet_server.api.status import code_for
 from ratchet_server.engine import errors
-from ratchet_server.engine.engine import CancelPush, Engine, LeasePush, Session
+from ratchet_server.engine.engine import CancelPush, Engine, LeasePush
+from ratchet_server.engine.engine import Session as WorkerSession
 
 log = logging.getLogger("ratchet.api")
 
@@ -100,7 +107,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.SessionResponse]:
         env = auth.principal().env
-        session: Session | None = None
+        session: WorkerSession | None = None
         try:
             first = await anext(requests, None)
             if first is None:
@@ -109,6 +116,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
                 session, welcome = await self._open(env, first)
             except errors.EngineError as exc:
                 await context.abort(code_for(exc), str(exc))
+                return
             yield welcome
             out: asyncio.Queue[worker_pb2.SessionResponse | None] = asyncio.Queue()
             async with _SessionTasks() as tasks:
@@ -122,7 +130,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
 
     async def _open(
         self, env: str, first: Any
-    ) -> tuple[Session, worker_pb2.SessionResponse]:
+    ) -> tuple[WorkerSession, worker_pb2.SessionResponse]:
         if first.WhichOneof("kind") != "hello":
             raise errors.InvalidArgument("the first message of a session must be hello")
         hello = first.hello
@@ -147,7 +155,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
         return session, welcome
 
     async def _forward(
-        self, session: Session, out: asyncio.Queue[worker_pb2.SessionResponse | None]
+        self, session: WorkerSession, out: asyncio.Queue[worker_pb2.SessionResponse | None]
     ) -> None:
         ttl = self._engine.config.lease_ttl
         while True:
@@ -162,7 +170,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
     async def _read(
         self,
         requests: AsyncIterator[Any],
-        session: Session,
+        session: WorkerSession,
         out: asyncio.Queue[worker_pb2.SessionResponse | None],
         tasks: _SessionTasks,
     ) -> None:
@@ -187,7 +195,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
 
     async def _answer(
         self,
-        session: Session,
+        session: WorkerSession,
         request: Any,
         kind: str,
         out: asyncio.Queue[worker_pb2.SessionResponse | None],
@@ -209,7 +217,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
         else:
             out.put_nowait(_ack(request.request_id, grpc.StatusCode.OK, ""))
 
-    async def _checkpoint(self, session: Session, cp: Any) -> None:
+    async def _checkpoint(self, session: WorkerSession, cp: Any) -> None:
         event = convert.STEP_EVENT_FROM_PB.get(cp.event)
         kind = convert.STEP_KIND_FROM_PB.get(cp.kind or 1)
         if event is None or kind is None:
@@ -223,7 +231,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
             finished_at=convert.from_ts(cp.finished_at, cp.HasField("finished_at")),
             state=cp.state if cp.HasField("state") else None)
 
-    async def _complete(self, session: Session, c: Any) -> None:
+    async def _complete(self, session: WorkerSession, c: Any) -> None:
         state = c.state if c.HasField("state") else None
         outcome = c.WhichOneof("outcome")
         if outcome == "succeeded":

@@ -375,8 +375,9 @@ def create_runs_txn(
         row = conn.execute(d.sql(INSERT_RUN), params).fetchone()
         if row is None:
             # A concurrent trigger with the same idempotency key won the race.
-            key = {"env": new.env, "task_id": new.task_id, "key": new.idempotency_key}
-            row = conn.execute(d.sql(SELECT_RUN_BY_IDEMPOTENCY_KEY), key).fetchone()
+            key2: dict[str, Any] = {"env": new.env, "task_id": new.task_id,
+                                    "key": new.idempotency_key}
+            row = conn.execute(d.sql(SELECT_RUN_BY_IDEMPOTENCY_KEY), key2).fetchone()
             results.append((run_from_row(row), False))
             continue
         results.append((run_from_row(row), True))
