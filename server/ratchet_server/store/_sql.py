@@ -42,6 +42,8 @@ class Cursor(Protocol):
 class Connection(Protocol):
     def execute(self, sql: str, params: Mapping[str, Any] = ..., /) -> Any: ...
 
+    def cursor(self) -> Any: ...
+
 
 @dataclasses.dataclass(frozen=True)
 class Dialect:
@@ -334,9 +336,9 @@ def event_params(event: model.Event) -> dict[str, Any]:
 
 
 def insert_events_txn(conn: Connection, d: Dialect, events: Iterable[model.Event]) -> None:
-    sql = d.sql(INSERT_EVENT)
-    for event in events:
-        conn.execute(sql, event_params(event))
+    params = [event_params(e) for e in events]
+    if params:
+        conn.cursor().executemany(d.sql(INSERT_EVENT), params)
 
 
 def create_runs_txn(
@@ -445,10 +447,43 @@ def lease_ref_from_row(row: Row) -> model.LeaseRef:
     )
 
 
+def _step_params(w: model.StepWrite, now: float) -> dict[str, Any]:
+    return {
+        "run_id": w.run_id,
+        "key": w.key,
+        "kind": w.kind.value,
+        "status": w.status.value,
+        "attempts": w.attempt,
+        "retry_base": w.retry_base,
+        "output": w.output,
+        "error": error_to_json(w.error),
+        "now": now,
+        "started_at": w.started_at,
+        "finished_at": w.finished_at,
+    }
+
+
+def _transition_params(w: model.RunTransition, now: float) -> dict[str, Any]:
+    return {
+        "status": w.status.value,
+        "output": w.output,
+        "error": error_to_json(w.error),
+        "state": w.state,
+        "run_at": w.run_at,
+        "refund": 1 if w.refund_attempt else 0,
+        "finished_at": now if w.status.is_final else None,
+        "now": now,
+        "run_id": w.run_id,
+        "lease_id": w.lease_id,
+    }
+
+
 def apply_writes_txn(
     conn: Connection, d: Dialect, writes: Sequence[model.FencedWrite], now: float
 ) -> list[bool]:
     """Apply fenced writes in order; True for each one whose lease was current."""
+    if d.name == "postgres" and _batchable(writes):
+        return _apply_batched_txn(conn, d, writes, now)
     applied: list[bool] = []
     fence_sql = d.sql(FENCE_RUN_STATE)
     step_sql = d.sql(UPSERT_STEP)
@@ -460,47 +495,106 @@ def apply_writes_txn(
                 fence_sql,
                 {"state": w.state, "now": now, "run_id": w.run_id, "lease_id": w.lease_id},
             )
-            if cur.rowcount != 1:
-                applied.append(False)
-                continue
-            conn.execute(
-                step_sql,
-                {
-                    "run_id": w.run_id,
-                    "key": w.key,
-                    "kind": w.kind.value,
-                    "status": w.status.value,
-                    "attempts": w.attempt,
-                    "retry_base": w.retry_base,
-                    "output": w.output,
-                    "error": error_to_json(w.error),
-                    "now": now,
-                    "started_at": w.started_at,
-                    "finished_at": w.finished_at,
-                },
-            )
+            if cur.rowcount == 1:
+                conn.execute(step_sql, _step_params(w, now))
         else:
-            cur = conn.execute(
-                transition_sql,
-                {
-                    "status": w.status.value,
-                    "output": w.output,
-                    "error": error_to_json(w.error),
-                    "state": w.state,
-                    "run_at": w.run_at,
-                    "refund": 1 if w.refund_attempt else 0,
-                    "finished_at": now if w.status.is_final else None,
-                    "now": now,
-                    "run_id": w.run_id,
-                    "lease_id": w.lease_id,
-                },
-            )
-            if cur.rowcount != 1:
-                applied.append(False)
-                continue
-        applied.append(True)
-        events.extend(w.events)
+            cur = conn.execute(transition_sql, _transition_params(w, now))
+        applied.append(cur.rowcount == 1)
+        if cur.rowcount == 1:
+            events.extend(w.events)
     insert_events_txn(conn, d, events)
+    return applied
+
+
+def _batchable(writes: Sequence[model.FencedWrite]) -> bool:
+    """True when set-based statements give the same result as applying in order:
+    every run's step writes name one lease, and a run with a transition has no
+    other write in the batch (a worker awaits each acknowledgement, so this is
+    the normal case)."""
+    step_lease: dict[str, str] = {}
+    transitions: set[str] = set()
+    for w in writes:
+        if isinstance(w, model.StepWrite):
+            if step_lease.setdefault(w.run_id, w.lease_id) != w.lease_id:
+                return False
+        elif w.run_id in transitions:
+            return False
+        else:
+            transitions.add(w.run_id)
+    return not (transitions & step_lease.keys())
+
+
+FENCE_RUN_STATE_BATCH = """
+UPDATE runs AS r SET state = COALESCE(v.state, r.state), updated_at = :now
+FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:states AS text[]))
+     AS v(id, lease_id, state)
+WHERE r.id = v.id AND r.lease_id = v.lease_id AND r.status = 'RUNNING'
+RETURNING r.id
+"""
+
+TRANSITION_RUN_BATCH = """
+UPDATE runs AS r SET
+    status = v.status,
+    output = COALESCE(v.output, r.output),
+    error = COALESCE(v.error, r.error),
+    state = COALESCE(v.state, r.state),
+    run_at = COALESCE(v.run_at, r.run_at),
+    attempt = r.attempt - v.refund,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    finished_at = v.finished_at,
+    updated_at = :now
+FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:statuses AS text[]),
+            CAST(:outputs AS text[]), CAST(:errors AS text[]), CAST(:states AS text[]),
+            CAST(:run_ats AS float8[]), CAST(:refunds AS int[]),
+            CAST(:finished AS float8[]))
+     AS v(id, lease_id, status, output, error, state, run_at, refund, finished_at)
+WHERE r.id = v.id AND r.lease_id = v.lease_id AND r.status = 'RUNNING'
+RETURNING r.id
+"""
+
+
+def _apply_batched_txn(
+    conn: Connection, d: Dialect, writes: Sequence[model.FencedWrite], now: float
+) -> list[bool]:
+    """Group commit in a constant number of statements, whatever the batch size."""
+    steps = [w for w in writes if isinstance(w, model.StepWrite)]
+    transitions = [w for w in writes if isinstance(w, model.RunTransition)]
+    ok: set[str] = set()
+    if steps:
+        last_state: dict[str, tuple[str, str | None]] = {}
+        for w in steps:
+            previous = last_state.get(w.run_id, (w.lease_id, None))[1]
+            last_state[w.run_id] = (w.lease_id, w.state if w.state is not None else previous)
+        rows = conn.execute(d.sql(FENCE_RUN_STATE_BATCH), {
+            "now": now,
+            "ids": list(last_state),
+            "leases": [lease for lease, _ in last_state.values()],
+            "states": [state for _, state in last_state.values()],
+        }).fetchall()
+        ok.update(r["id"] for r in rows)
+        todo = [_step_params(w, now) for w in steps if w.run_id in ok]
+        if todo:
+            conn.cursor().executemany(d.sql(UPSERT_STEP), todo)
+    if transitions:
+        params = [_transition_params(w, now) for w in transitions]
+        rows = conn.execute(d.sql(TRANSITION_RUN_BATCH), {
+            "now": now,
+            "ids": [p["run_id"] for p in params],
+            "leases": [p["lease_id"] for p in params],
+            "statuses": [p["status"] for p in params],
+            "outputs": [p["output"] for p in params],
+            "errors": [p["error"] for p in params],
+            "states": [p["state"] for p in params],
+            "run_ats": [p["run_at"] for p in params],
+            "refunds": [p["refund"] for p in params],
+            "finished": [p["finished_at"] for p in params],
+        }).fetchall()
+        ok.update(r["id"] for r in rows)
+    applied = [w.run_id in ok for w in writes]
+    events = [e for w, good in zip(writes, applied, strict=True) if good for e in w.events]
+    if events:
+        conn.cursor().executemany(d.sql(INSERT_EVENT), [event_params(e) for e in events])
     return applied
 
 

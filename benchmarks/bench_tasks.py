@@ -1,0 +1,18 @@
+"""The benchmark's task: three trivial steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ratchet
+
+
+async def add(a: int, b: int) -> int:
+    return a + b
+
+
+@ratchet.task(id="bench-three-steps", retry=ratchet.Retry(max_attempts=1))
+async def three_steps(ctx: ratchet.Context, payload: dict[str, Any]) -> int:
+    x = await ctx.step("one", add, payload["n"], 1)
+    y = await ctx.step("two", add, x, 1)
+    return await ctx.step("three", add, y, 1)
