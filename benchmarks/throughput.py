@@ -64,7 +64,7 @@ def query(url: str, sql: str) -> list[tuple[Any, ...]]:
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 async def run(url: str, runs: int, slots: int, batch: int, tmp: Path, latency_runs: int,

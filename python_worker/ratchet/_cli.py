@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return asyncio.run(_dispatch(args))
+        code = asyncio.run(_dispatch(args))
+        return _exit_abandoning_threads(code) if args.command == "worker" else code
     except KeyboardInterrupt:
         return 130
     except (CLIError, RatchetError, OSError, ValueError) as exc:
@@ -200,6 +202,23 @@ async def _worker(args: argparse.Namespace) -> int:
         worker.coordinator)
     await worker.run()
     return 0
+
+
+def _exit_abandoning_threads(code: int) -> int:
+    """A drained worker exits even if a sync step ignores cancellation: its run
+    was released (or its lease will expire), so the thread's work is moot."""
+    steps = [t for t in threading.enumerate() if t.name.startswith("ratchet-step")]
+    for thread in steps:
+        thread.join(0.2)
+    stuck = [t for t in steps if t.is_alive()]
+    if stuck:
+        logging.getLogger("ratchet.worker").warning(
+            "exiting with %d step thread(s) still running", len(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _payload(text: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import functools
 import inspect
@@ -52,6 +53,7 @@ class Context:
         steps: Mapping[str, common_pb2.Step],
         state: dict[str, Any],
         journal: Journal,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         self.run_id = run_id
         self.task_id = task_id
@@ -61,6 +63,7 @@ class Context:
         self._lease_id = lease_id
         self._steps = dict(steps)
         self._journal = journal
+        self._executor = executor
         self._uses: dict[str, int] = {}
         self._sent_state = to_json(state)
         self._cancelled = False
@@ -136,7 +139,7 @@ class Context:
             started = time.time()
             token = _current_step.set(key)
             try:
-                value = await _call(fn, args, kwargs)
+                value = await _call(fn, args, kwargs, self._executor)
                 output = to_json(value)
             except asyncio.CancelledError:
                 raise
@@ -188,10 +191,18 @@ class Context:
         await self._journal.checkpoint(checkpoint)
 
 
-async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+async def _call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    executor: concurrent.futures.Executor | None,
+) -> Any:
     if inspect.iscoroutinefunction(fn):
         return await fn(*args, **kwargs)
-    result = await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+    # In a thread, with this task's context (so ctx.idempotency_key works there).
+    context = contextvars.copy_context()
+    call = functools.partial(context.run, fn, *args, **kwargs)
+    result = await asyncio.get_running_loop().run_in_executor(executor, call)
     if inspect.isawaitable(result):
         return await result
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -100,6 +101,9 @@ class Worker:
         self._stopping = False
         self._stop_event: asyncio.Event | None = None
         self.connected = asyncio.Event()
+        # Sync steps run here. Not the loop's default executor: a step that
+        # ignores cancellation must not keep a drained worker from exiting.
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
     def running(self) -> int:
@@ -122,6 +126,8 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self.stop)
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(8, 2 * self.slots), thread_name_prefix="ratchet-step")
         connection = asyncio.create_task(self._connect_loop(), name="ratchet-worker-connection")
         stopper = asyncio.create_task(self._stop_event.wait())
         try:
@@ -145,6 +151,7 @@ class Worker:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     with contextlib.suppress(NotImplementedError, RuntimeError):
                         loop.remove_signal_handler(sig)
+            self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _drain(self) -> None:
         log.info("draining: %d run(s) still executing", len(self._executions))
@@ -314,7 +321,7 @@ class Worker:
             ctx = Context(run_id=run_id, task_id=grant.task_id, attempt=grant.attempt,
                           lease_id=lease_id, steps={s.key: s for s in snapshot.steps},
                           state=json.loads(snapshot.state) if snapshot.state else {},
-                          journal=journal)
+                          journal=journal, executor=self._threads)
             execution.ctx = ctx
             try:
                 if task is None:
