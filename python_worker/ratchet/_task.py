@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import re
@@ -46,7 +47,7 @@ class Task(Generic[P, Out]):
         """JSON Schema of the payload, or b"" when the payload is any JSON."""
         if self.payload_type is None:
             return b""
-        schema = pydantic.TypeAdapter(self.payload_type).json_schema()
+        schema = _adapter(self.payload_type).json_schema()
         return json.dumps(schema, sort_keys=True).encode()
 
     def output_schema(self) -> bytes:
@@ -63,7 +64,7 @@ class Task(Generic[P, Out]):
         if self.payload_type is None:
             return typing.cast(P, data)
         try:
-            return typing.cast(P, pydantic.TypeAdapter(self.payload_type).validate_python(data))
+            return typing.cast(P, _adapter(self.payload_type).validate_python(data))
         except pydantic.ValidationError as exc:
             raise PayloadValidationError(f"payload of task {self.id!r}: {exc}") from None
 
@@ -73,6 +74,11 @@ class Task(Generic[P, Out]):
     async def __call__(self, ctx: Context, payload: P) -> Out:
         """Call the function directly (no durability): handy in unit tests."""
         return await self.fn(ctx, payload)
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter(tp: Any) -> pydantic.TypeAdapter[Any]:
+    return pydantic.TypeAdapter(tp)
 
 
 def task(

@@ -55,12 +55,18 @@ class Dialect:
     # Row-locking clause for the ready-run selection.
     skip_locked: str
     translate: Any  # Callable[[str], str]
+    # Translated statements, by template and fragments (the SQL is constant).
+    _cache: dict[tuple[Any, ...], str] = dataclasses.field(default_factory=dict, compare=False)
 
     def in_param(self, values: Sequence[str]) -> Any:
         return list(values) if self.name == "postgres" else json.dumps(list(values))
 
     def sql(self, text: str, **fragments: str) -> str:
-        return str(self.translate(text.format(**fragments)))
+        key = (text, *sorted(fragments.items()))
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache[key] = str(self.translate(text.format(**fragments)))
+        return cached
 
 
 SQLITE = Dialect(
@@ -199,6 +205,9 @@ VALUES (:id, :env, :task_id, 'QUEUED', 0, :payload, :queue, :priority, :retry, :
 ON CONFLICT DO NOTHING
 RETURNING *
 """
+
+# The same, for a batch of runs without idempotency keys (executemany).
+INSERT_RUN_PLAIN = INSERT_RUN.replace("ON CONFLICT DO NOTHING\nRETURNING *\n", "")
 
 SELECT_RUN = "SELECT * FROM runs WHERE env = :env AND id = :id"
 SELECT_RUN_ANY_ENV = "SELECT * FROM runs WHERE id = :id"
@@ -341,51 +350,71 @@ def insert_events_txn(conn: Connection, d: Dialect, events: Iterable[model.Event
         conn.cursor().executemany(d.sql(INSERT_EVENT), params)
 
 
+def _new_run_params(new: model.NewRun, now: float) -> dict[str, Any]:
+    return {
+        "id": new.id,
+        "env": new.env,
+        "task_id": new.task_id,
+        "payload": new.payload,
+        "queue": new.queue,
+        "priority": new.priority,
+        "retry": retry_to_json(new.retry),
+        "run_at": new.run_at,
+        "idempotency_key": new.idempotency_key,
+        "idempotency_expires_at": new.idempotency_expires_at,
+        "concurrency_key": new.concurrency_key,
+        "tags": json.dumps(list(new.tags)),
+        "metadata": json.dumps(dict(new.metadata)),
+        "parent_run_id": new.parent_run_id,
+        "ttl": new.ttl,
+        "max_duration": new.max_duration,
+        "now": now,
+    }
+
+
+def _created_run(new: model.NewRun, now: float) -> model.Run:
+    """The row INSERT_RUN writes, without reading it back."""
+    return model.Run(
+        id=new.id, env=new.env, task_id=new.task_id, status=model.RunStatus.QUEUED, attempt=0,
+        payload=new.payload, output=None, error=None, queue=new.queue, priority=new.priority,
+        retry=new.retry, run_at=new.run_at, idempotency_key=new.idempotency_key,
+        concurrency_key=new.concurrency_key, tags=tuple(new.tags),
+        metadata=dict(new.metadata), parent_run_id=new.parent_run_id, state=None,
+        lease_id=None, lease_owner=None, lease_expires_at=None, created_at=now,
+        started_at=None, finished_at=None)
+
+
 def create_runs_txn(
     conn: Connection, d: Dialect, runs: Sequence[model.NewRun], now: float
 ) -> list[tuple[model.Run, bool]]:
     results: list[tuple[model.Run, bool]] = []
+    plain: list[dict[str, Any]] = []  # no idempotency key: cannot conflict
+    insert_sql = d.sql(INSERT_RUN)
     for new in runs:
-        if new.idempotency_key is not None:
-            key = {"env": new.env, "task_id": new.task_id, "key": new.idempotency_key}
-            row = conn.execute(d.sql(SELECT_RUN_BY_IDEMPOTENCY_KEY), key).fetchone()
-            if row is not None:
-                expires = row["idempotency_expires_at"]
-                if expires is None or expires > now:
-                    results.append((run_from_row(row), False))
-                    continue
-                conn.execute(d.sql(FORGET_IDEMPOTENCY_KEY), key)
-        params = {
-            "id": new.id,
-            "env": new.env,
-            "task_id": new.task_id,
-            "payload": new.payload,
-            "queue": new.queue,
-            "priority": new.priority,
-            "retry": retry_to_json(new.retry),
-            "run_at": new.run_at,
-            "idempotency_key": new.idempotency_key,
-            "idempotency_expires_at": new.idempotency_expires_at,
-            "concurrency_key": new.concurrency_key,
-            "tags": json.dumps(list(new.tags)),
-            "metadata": json.dumps(dict(new.metadata)),
-            "parent_run_id": new.parent_run_id,
-            "ttl": new.ttl,
-            "max_duration": new.max_duration,
-            "now": now,
-        }
-        row = conn.execute(d.sql(INSERT_RUN), params).fetchone()
+        if new.idempotency_key is None:
+            plain.append(_new_run_params(new, now))
+            results.append((_created_run(new, now), True))
+            continue
+        key = {"env": new.env, "task_id": new.task_id, "key": new.idempotency_key}
+        row = conn.execute(d.sql(SELECT_RUN_BY_IDEMPOTENCY_KEY), key).fetchone()
+        if row is not None:
+            expires = row["idempotency_expires_at"]
+            if expires is None or expires > now:
+                results.append((run_from_row(row), False))
+                continue
+            conn.execute(d.sql(FORGET_IDEMPOTENCY_KEY), key)
+        row = conn.execute(insert_sql, _new_run_params(new, now)).fetchone()
         if row is None:
             # A concurrent trigger with the same idempotency key won the race.
-            key2: dict[str, Any] = {"env": new.env, "task_id": new.task_id,
-                                    "key": new.idempotency_key}
-            row = conn.execute(d.sql(SELECT_RUN_BY_IDEMPOTENCY_KEY), key2).fetchone()
+            row = conn.execute(d.sql(SELECT_RUN_BY_IDEMPOTENCY_KEY), key).fetchone()
             results.append((run_from_row(row), False))
             continue
         results.append((run_from_row(row), True))
-        insert_events_txn(
-            conn, d, [model.Event(run_id=new.id, type=model.EventType.TRIGGERED, at=now)]
-        )
+    if plain:
+        conn.cursor().executemany(d.sql(INSERT_RUN_PLAIN), plain)
+    insert_events_txn(conn, d, (
+        model.Event(run_id=run.id, type=model.EventType.TRIGGERED, at=now)
+        for run, created in results if created))
     return results
 
 
@@ -620,5 +649,5 @@ def list_runs_txn(
     if cursor is not None:
         filters.append(LIST_FILTER_CURSOR)
         params["c_at"], params["c_id"] = cursor
-    sql = d.translate(LIST_RUNS.replace("{filters}", " ".join(filters)))
+    sql = d.sql(LIST_RUNS, filters=" ".join(filters))
     return [run_from_row(r) for r in conn.execute(sql, params).fetchall()]
