@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import threading
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,15 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="API key (default $RATCHET_API_KEY)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line too (`ratchet ... --help` shows the usage)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"ratchet: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ratchet", description="Durable execution for Python.")
+    parser = _Parser(prog="ratchet", description="Durable execution for Python.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -42,7 +42,10 @@ class Retry:
         """Seconds to wait after failed attempt `attempt` (1-based) before the next one."""
         if attempt < 1:
             raise ValueError("attempt is 1-based")
-        base = min(self.max_delay, self.min_delay * self.factor ** (attempt - 1))
+        try:
+            base = min(self.max_delay, self.min_delay * self.factor ** (attempt - 1))
+        except OverflowError:  # a very late attempt of a long budget
+            base = self.max_delay
         if self.jitter:
             base = min(self.max_delay, base * (0.5 + (rng or random).random()))
         return base

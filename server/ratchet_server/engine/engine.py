@@ -525,8 +525,11 @@ class Engine:
             if more:
                 continue
             timeout = 1.0 if next_due is None else min(1.0, max(0.005, next_due - time.time()))
+            # Not asyncio.wait_for: on 3.11 it can swallow a cancellation that
+            # arrives as the event fires, and stop() would then wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _dispatch_once(self) -> tuple[bool, float | None]:
         more = False
@@ -578,10 +581,14 @@ def decode_json(data: bytes, what: str, limit: int) -> str:
         raise errors.ResourceExhausted(f"{what} is {len(data)} bytes; the limit is {limit}")
     try:
         text = data.decode("utf-8")
-        json.loads(text)
+        json.loads(text, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise errors.InvalidArgument(f"{what} is not valid JSON: {exc}") from None
     return text
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def decode_page_token(token: str) -> tuple[float, str] | None:

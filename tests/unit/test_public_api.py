@@ -1,0 +1,61 @@
+"""The public surface of `ratchet`: a change to it must be deliberate."""
+
+from __future__ import annotations
+
+import pytest
+
+import ratchet
+
+pytestmark = pytest.mark.timeout(10)
+
+PUBLIC = [
+    "AuthenticationError",
+    "Client",
+    "ClientError",
+    "Context",
+    "InvalidArgumentError",
+    "LeaseLostError",
+    "NonRetryableError",
+    "NotFoundError",
+    "PayloadValidationError",
+    "RatchetError",
+    "Retry",
+    "Run",
+    "RunError",
+    "RunFailedError",
+    "RunStatus",
+    "StepFailedError",
+    "StepInfo",
+    "Task",
+    "UnavailableError",
+    "Worker",
+    "WorkerError",
+    "__version__",
+    "task",
+]
+
+
+def test_all_is_pinned() -> None:
+    assert ratchet.__all__ == PUBLIC
+
+
+def test_every_exported_name_exists() -> None:
+    for name in ratchet.__all__:
+        assert hasattr(ratchet, name), name
+
+
+def test_exported_names_are_defined_in_ratchet() -> None:
+    for name in ratchet.__all__:
+        value = getattr(ratchet, name)
+        if name != "__version__":
+            assert value.__module__.startswith("ratchet."), name
+
+
+def test_errors_form_one_tree() -> None:
+    errors = [getattr(ratchet, n) for n in ratchet.__all__
+              if n.endswith("Error") and n != "RunError"]
+    assert all(issubclass(e, ratchet.RatchetError) for e in errors)
+    for leaf in (ratchet.NotFoundError, ratchet.InvalidArgumentError,
+                 ratchet.AuthenticationError, ratchet.UnavailableError):
+        assert issubclass(leaf, ratchet.ClientError)
+    assert issubclass(ratchet.PayloadValidationError, ratchet.NonRetryableError)
