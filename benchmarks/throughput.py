@@ -74,6 +74,7 @@ async def run(url: str, runs: int, slots: int, batch: int, tmp: Path, latency_ru
                          check=True).stdout.strip()
     address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "RATCHET_API_KEY": key}
+    stats: dict[str, float] = {}
     log = (tmp / "coordinator.log").open("w")
     coordinator = subprocess.Popen(
         ratchet_cmd("server", "--database-url", url, "--listen", address, "--http-listen",
@@ -97,6 +98,7 @@ async def run(url: str, runs: int, slots: int, batch: int, tmp: Path, latency_ru
                        for lo in range(0, runs, batch)]
             for chunk in pending:
                 await chunk
+            stats["trigger_s"] = time.time() - started
             # Poll the finished count through one connection; the runs record their own
             # timings, so the polling interval does not affect the figures.
             while True:
@@ -130,6 +132,7 @@ async def run(url: str, runs: int, slots: int, batch: int, tmp: Path, latency_ru
     rows = [r for r in all_rows if r[0] < latency_from]
     idle = [(r[3] - r[0]) * 1000 for r in all_rows if r[0] >= latency_from and r[3] is not None]
     failed = sum(1 for r in all_rows if r[2] != "COMPLETED")
+    trigger_s = stats["trigger_s"]
     first_created = min(r[0] for r in rows)
     last_finished = max(r[1] for r in rows)
     elapsed = last_finished - first_created
@@ -138,6 +141,7 @@ async def run(url: str, runs: int, slots: int, batch: int, tmp: Path, latency_ru
         "runs": runs,
         "failed": failed,
         "elapsed_s": round(elapsed, 3),
+        "trigger_s": round(trigger_s, 3),
         "runs_per_s": round(runs / elapsed, 1),
         "steps_per_s": round(3 * runs / elapsed, 1),
         # Trigger to first step with runs arriving at latency_rate per second.

@@ -202,6 +202,9 @@ def load_tasks(specs: Sequence[str]) -> list[Task[Any, Any]]:
 
 
 async def _worker(args: argparse.Namespace) -> int:
+    # gRPC hands every message between its own thread and the event loop; the
+    # default 5 ms GIL switch interval makes each hand-off wait (BENCHMARKS.md).
+    sys.setswitchinterval(0.0005)
     tasks = load_tasks(args.modules)
     worker = Worker(tasks, args.coordinator, slots=args.slots, api_key=args.api_key,
                     drain_timeout=args.drain_timeout)

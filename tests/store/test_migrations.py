@@ -87,7 +87,7 @@ async def test_postgres_migrations_produce_the_current_schema(pg_url: str) -> No
     assert tables == EXPECTED_COLUMNS
     assert "runs_ready" in indexes
     ready = indexes["runs_ready"]
-    assert "(env, task_id, priority DESC, run_at)" in ready
+    assert "(env, task_id, priority DESC, run_at, id)" in ready
     assert "WHERE (status = 'QUEUED'::text)" in ready
     assert "runs_idempotency" in indexes and "UNIQUE" in indexes["runs_idempotency"]
     assert [name for _, name in versions] == MIGRATION_FILES["postgres"]

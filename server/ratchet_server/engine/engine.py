@@ -50,6 +50,7 @@ class EngineConfig:
     session_grace: float = 1.0
     reap_interval: float = 1.0
     max_write_batch: int = 512
+    write_concurrency: int = 2
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -490,25 +491,39 @@ class Engine:
         return await future
 
     async def _write_loop(self) -> None:
+        """Group commit: whatever is queued goes in one transaction; up to
+        `write_concurrency` transactions are in flight, so a slow commit does
+        not hold back the next batch. A run has at most one write in flight
+        (its worker awaits each acknowledgement), so batches rarely touch the
+        same rows; the store retries the rare deadlock."""
+        slots = asyncio.Semaphore(self.config.write_concurrency)
         while True:
-            batch = [await self._writes.get()]
+            first = await self._writes.get()
+            await slots.acquire()
+            batch = [first]
             while not self._writes.empty() and len(batch) < self.config.max_write_batch:
                 batch.append(self._writes.get_nowait())
-            try:
-                results = await self.store.apply([p.write for p in batch])
-            except asyncio.CancelledError:
-                for p in batch:
-                    p.future.cancel()
-                raise
-            except Exception as exc:
-                log.exception("group commit of %d writes failed", len(batch))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            for p, ok in zip(batch, results, strict=True):
+            task = asyncio.create_task(self._commit(batch))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            task.add_done_callback(lambda _: slots.release())
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            results = await self.store.apply([p.write for p in batch])
+        except asyncio.CancelledError:
+            for p in batch:
+                p.future.cancel()
+            raise
+        except Exception as exc:
+            log.exception("group commit of %d writes failed", len(batch))
+            for p in batch:
                 if not p.future.done():
-                    p.future.set_result(ok)
+                    p.future.set_exception(exc)
+            return
+        for p, ok in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(ok)
 
     # --- dispatcher and reaper ----------------------------------------------------
 

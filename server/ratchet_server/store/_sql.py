@@ -52,8 +52,6 @@ class Dialect:
     name: str
     # "column IN <this>" for a list parameter `:ids` passed via `in_param`.
     in_list: str
-    # Row-locking clause for the ready-run selection.
-    skip_locked: str
     translate: Any  # Callable[[str], str]
     # Translated statements, by template and fragments (the SQL is constant).
     _cache: dict[tuple[Any, ...], str] = dataclasses.field(default_factory=dict, compare=False)
@@ -72,13 +70,11 @@ class Dialect:
 SQLITE = Dialect(
     name="sqlite",
     in_list="(SELECT value FROM json_each({param}))",
-    skip_locked="",
     translate=lambda s: s,
 )
 POSTGRES = Dialect(
     name="postgres",
     in_list="(SELECT unnest(CAST({param} AS text[])))",
-    skip_locked="FOR UPDATE SKIP LOCKED",
     translate=to_pyformat,
 )
 
@@ -216,7 +212,8 @@ SELECT_STEPS = "SELECT * FROM steps WHERE run_id = :run_id ORDER BY created_at, 
 
 SELECT_STEPS_OF = "SELECT * FROM steps WHERE run_id IN {ids} ORDER BY run_id, created_at, key"
 
-LEASE_READY = """
+# SQLite: one writer at a time, so no row locks are needed.
+LEASE_READY_SQLITE = """
 UPDATE runs SET
     status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || id,
     lease_owner = :owner, lease_expires_at = :expires_at,
@@ -226,7 +223,29 @@ WHERE id IN (
     WHERE env = :env AND status = 'QUEUED' AND task_id IN {task_ids} AND run_at <= :now
     ORDER BY priority DESC, run_at, id
     LIMIT :limit
-    {skip_locked}
+)
+RETURNING *
+"""
+
+# Postgres: one ordered index scan per task (runs_ready), so the cost does not
+# grow with the number of queued runs; rows locked but not chosen by the outer
+# LIMIT stay locked only until this transaction ends.
+LEASE_READY_POSTGRES = """
+UPDATE runs SET
+    status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || runs.id,
+    lease_owner = :owner, lease_expires_at = :expires_at,
+    started_at = COALESCE(started_at, :now), updated_at = :now
+WHERE runs.id IN (
+    SELECT r.id FROM unnest(CAST(:task_ids AS text[])) AS t(task_id)
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at FROM runs
+        WHERE env = :env AND status = 'QUEUED' AND task_id = t.task_id AND run_at <= :now
+        ORDER BY priority DESC, run_at, id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ) AS r
+    ORDER BY r.priority DESC, r.run_at, r.id
+    LIMIT :limit
 )
 RETURNING *
 """
@@ -430,8 +449,10 @@ def lease_ready_txn(
     now: float,
     expires_at: float,
 ) -> list[model.LeasedRun]:
-    sql = d.sql(LEASE_READY, task_ids=d.in_list.format(param=":task_ids"),
-                skip_locked=d.skip_locked)
+    if d.name == "postgres":
+        sql = d.sql(LEASE_READY_POSTGRES)
+    else:
+        sql = d.sql(LEASE_READY_SQLITE, task_ids=d.in_list.format(param=":task_ids"))
     rows = conn.execute(
         sql,
         {

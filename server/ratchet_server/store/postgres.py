@@ -24,6 +24,7 @@ T = TypeVar("T")
 CHANNEL = "ratchet_ready"
 # Arbitrary constant: the advisory lock that serialises migrations.
 MIGRATION_LOCK = 7_420_001
+DEADLOCK_RETRIES = 3
 
 
 class PostgresStore(SqlStore):
@@ -54,8 +55,17 @@ class PostgresStore(SqlStore):
         await asyncio.to_thread(check)
 
     def _transaction(self, fn: Callable[[Any], T]) -> T:
-        with self._pool.connection() as conn, conn.transaction():
-            return fn(conn)
+        # Transaction functions only touch the database, so one that lost a
+        # deadlock (concurrent group commits locking rows in another order)
+        # can simply run again.
+        for attempt in range(DEADLOCK_RETRIES):
+            try:
+                with self._pool.connection() as conn, conn.transaction():
+                    return fn(conn)
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                if attempt == DEADLOCK_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _lock_for_migration(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%(k)s)", {"k": MIGRATION_LOCK})

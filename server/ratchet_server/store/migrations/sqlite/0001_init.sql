@@ -55,7 +55,7 @@ CREATE TABLE runs (
 );
 
 -- The hot query: ready runs of the tasks a worker serves.
-CREATE INDEX runs_ready ON runs (env, task_id, priority DESC, run_at) WHERE status = 'QUEUED';
+CREATE INDEX runs_ready ON runs (env, task_id, priority DESC, run_at, id) WHERE status = 'QUEUED';
 CREATE INDEX runs_lease_expiry ON runs (lease_expires_at) WHERE status = 'RUNNING';
 CREATE INDEX runs_lease_owner ON runs (lease_owner) WHERE status = 'RUNNING';
 CREATE INDEX runs_lease_id ON runs (lease_id);
