@@ -162,7 +162,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--runs", type=int, default=2000)
-    parser.add_argument("--slots", type=int, default=100)
+    parser.add_argument("--slots", type=int, default=200)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--latency-runs", type=int, default=300)
     parser.add_argument("--latency-rate", type=float, default=50.0)

@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("server", help="coordinator against Postgres or SQLite (auth required)")
     p.add_argument("--database-url", required=True)
-    p.add_argument("--listen", default="0.0.0.0:7420", help="gRPC HOST:PORT")
+    p.add_argument("--listen", default="127.0.0.1:7420",
+                   help="gRPC HOST:PORT (default loopback; use 0.0.0.0:7420 to serve remote "
+                        "workers, behind TLS until Ratchet terminates it itself)")
     p.add_argument("--http-listen", default="127.0.0.1:7421", help="HTTP HOST:PORT")
     _timing_args(p)
 

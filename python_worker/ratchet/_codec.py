@@ -27,11 +27,21 @@ STEP_STATUSES = {common_pb2.STEP_STATUS_RUNNING: "RUNNING",
 
 
 def to_json(value: Any) -> bytes:
-    """Encode a payload, output or state as UTF-8 JSON (pydantic models allowed)."""
+    """Encode a payload, output or state as UTF-8 JSON (pydantic models allowed).
+
+    Raises TypeError for values JSON cannot carry, NaN and infinities included.
+    """
     try:
-        return pydantic_core.to_json(value)
+        data = pydantic_core.to_json(value)
     except pydantic_core.PydanticSerializationError as exc:
         raise TypeError(f"value is not JSON-serialisable: {exc}") from None
+    if b"NaN" in data or b"Infinity" in data:  # rare: confirm outside strings
+        json.loads(data, parse_constant=_no_constants)
+    return data
+
+
+def _no_constants(name: str) -> None:
+    raise TypeError(f"value is not JSON-serialisable: {name} is not JSON")
 
 
 def from_json(data: bytes) -> Any:

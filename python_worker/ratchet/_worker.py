@@ -21,7 +21,7 @@ import grpc
 from ratchet import __version__
 from ratchet._codec import duration, error_from_exception, error_to_pb, retry_to_pb
 from ratchet._context import Context
-from ratchet._errors import LeaseLostError, RatchetError
+from ratchet._errors import LeaseLostError, NonRetryableError, RatchetError
 from ratchet._task import Task
 from ratchet.v1 import worker_pb2, worker_pb2_grpc
 
@@ -39,6 +39,15 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 ]
+
+
+REFUSED_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                           grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]})
+COMPLETE_ATTEMPTS = 6
+
+
+class WriteRefusedError(NonRetryableError):
+    """The coordinator refused a checkpoint or completion as invalid (e.g. too large)."""
 
 
 class WorkerError(RatchetError):
@@ -296,8 +305,11 @@ class Worker:
             self._pending.pop(message.request_id, None)
         if ack.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]:
             raise LeaseLostError(ack.message)
+        if ack.code in REFUSED_CODES:
+            # Sending it again cannot help (too large, not JSON, ...).
+            raise WriteRefusedError(f"the coordinator refused a write: {ack.message}")
         if ack.code != 0:
-            raise RatchetError(f"the coordinator refused a write: {ack.message} "
+            raise RatchetError(f"the coordinator could not record a write: {ack.message} "
                                f"(code {ack.code})")
 
     # --- executions -------------------------------------------------------------------
@@ -341,7 +353,7 @@ class Worker:
             state = ctx._state_update()
             if state is not None:
                 outcome.state = state
-            await self._request(worker_pb2.SessionRequest(complete=outcome), lease_id)
+            await self._complete(outcome, lease_id)
         except LeaseLostError as exc:
             log.warning("run %s: lease %s lost (%s); dropping this execution",
                         run_id, lease_id, exc)
@@ -356,6 +368,32 @@ class Worker:
             log.exception("run %s: could not report its outcome", run_id)
         finally:
             self._executions.pop(lease_id, None)
+
+
+    async def _complete(self, outcome: worker_pb2.Complete, lease_id: str) -> None:
+        """Report the outcome until the coordinator records it: a refused output
+        becomes a non-retryable failure, a transient error is tried again, so
+        no run is left RUNNING by a worker that has finished with it."""
+        for attempt in range(1, COMPLETE_ATTEMPTS + 1):
+            try:
+                await self._request(worker_pb2.SessionRequest(complete=outcome), lease_id)
+                return
+            except WriteRefusedError as exc:
+                if outcome.WhichOneof("outcome") != "succeeded":
+                    raise
+                log.warning("run %s: output refused (%s); failing the run", outcome.run_id, exc)
+                error = error_from_exception(exc)
+                failed = worker_pb2.Complete(lease_id=outcome.lease_id, run_id=outcome.run_id,
+                                             failed=worker_pb2.Failed(error=error_to_pb(error)))
+                outcome = failed
+            except LeaseLostError:
+                raise
+            except RatchetError as exc:
+                if attempt == COMPLETE_ATTEMPTS:
+                    raise
+                log.warning("run %s: could not report the outcome (%s); trying again",
+                            outcome.run_id, exc)
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** attempt))
 
 
 class _LeaseJournal:

@@ -131,3 +131,10 @@ async def slow_steps(ctx: ratchet.Context, payload: Slow) -> int:
             return i
         total += await ctx.step(f"s{i}", work)
     return total
+
+
+@ratchet.task(id="huge-output", retry=ratchet.Retry(max_attempts=3, min_delay=0.05))
+async def huge_output(ctx: ratchet.Context, payload: dict[str, Any]) -> str:
+    """Returns more than the coordinator accepts (1 MiB)."""
+    mark(payload["dir"], "attempts")
+    return "x" * (1024 * 1024 + 10)

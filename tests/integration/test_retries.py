@@ -69,6 +69,19 @@ async def test_task_retry_replays_from_snapshot(
     run = await client.trigger("fails-once", {"dir": str(tmp_path)})
     final = await client.wait(run.id, timeout=30)
     assert final.status == "COMPLETED" and final.output == "done on attempt 2"
+    assert final.error is None  # the first attempt's error does not stick to a success
     assert count_lines(tmp_path / "first") == 1
     assert count_lines(tmp_path / "second") == 1
     assert count_lines(tmp_path / "attempts") == 2
+
+
+async def test_refused_output_fails_the_run_instead_of_leaving_it_running(
+    cluster: Cluster, worker: None, tmp_path: Path
+) -> None:
+    client = cluster.client()
+    run = await client.trigger("huge-output", {"dir": str(tmp_path)})
+    final = await client.wait(run.id, timeout=30)
+    assert final.status == "FAILED"
+    assert final.error is not None and final.error.non_retryable
+    assert "refused" in final.error.message and "limit" in final.error.message
+    assert count_lines(tmp_path / "attempts") == 1

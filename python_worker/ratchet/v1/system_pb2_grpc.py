@@ -48,7 +48,7 @@ class SystemServiceServicer:
 
     def GetVersion(self, request, context):
         """GetVersion lets an SDK check what the coordinator supports before it
-        relies on it. Needs no particular role.
+        relies on it. Any valid key will do, whatever its role.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

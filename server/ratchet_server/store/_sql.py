@@ -309,7 +309,7 @@ TRANSITION_RUN = """
 UPDATE runs SET
     status = :status,
     output = COALESCE(:output, output),
-    error = COALESCE(:error, error),
+    error = CASE WHEN :status = 'COMPLETED' THEN NULL ELSE COALESCE(:error, error) END,
     state = COALESCE(:state, state),
     run_at = COALESCE(:run_at, run_at),
     attempt = attempt - :refund,
@@ -586,7 +586,7 @@ TRANSITION_RUN_BATCH = """
 UPDATE runs AS r SET
     status = v.status,
     output = COALESCE(v.output, r.output),
-    error = COALESCE(v.error, r.error),
+    error = CASE WHEN v.status = 'COMPLETED' THEN NULL ELSE COALESCE(v.error, r.error) END,
     state = COALESCE(v.state, r.state),
     run_at = COALESCE(v.run_at, r.run_at),
     attempt = r.attempt - v.refund,
