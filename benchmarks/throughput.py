@@ -161,7 +161,7 @@ async def run(url: str, runs: int, slots: int, batch: int, tmp: Path, latency_ru
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", default=None)
-    parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=3000)
     parser.add_argument("--slots", type=int, default=200)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--latency-runs", type=int, default=300)
