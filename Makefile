@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint stubs bench clean
+.PHONY: setup demo test lint stubs bench release-protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	$(VENV)/bin/buf lint
+
+# After a release: the protos as released become the baseline `buf breaking` checks against.
+release-protos: setup
+	$(VENV)/bin/buf build -o protos/released.binpb
 
 stubs: setup
 	$(PY) scripts/gen_protos.py
