@@ -43,7 +43,15 @@ CHANNEL_OPTIONS = [
 
 REFUSED_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT.value[0],
                            grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]})
-COMPLETE_ATTEMPTS = 6
+WRITE_ATTEMPTS = 6
+RELEASE_TIMEOUT = 5.0
+# Below gRPC's 16 MiB receive limit: a larger message would break the stream
+# for every run of the session, not just fail this one.
+MAX_MESSAGE_BYTES = 15 * 1024 * 1024
+
+
+class TransientWriteError(RatchetError):
+    """The coordinator could not record a write now (e.g. its database is down)."""
 
 
 class WriteRefusedError(NonRetryableError):
@@ -163,24 +171,39 @@ class Worker:
             self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _drain(self) -> None:
+        """Stop taking runs, let running ones finish, give the rest back.
+
+        Loops until nothing executes: a lease pushed while draining is
+        released at once, and the connection stays up (reconnecting if need
+        be) until every outcome or release is acknowledged.
+        """
         log.info("draining: %d run(s) still executing", len(self._executions))
         self._send(worker_pb2.SessionRequest(slots=worker_pb2.SlotsUpdate(slots=0)))
-        tasks = [e.task for e in self._executions.values() if e.task is not None]
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=self._drain_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._drain_timeout
+        while self._executions:
+            tasks = {e.task for e in self._executions.values() if e.task is not None}
+            remaining = deadline - loop.time()
+            if remaining > 0:
+                await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                continue
             for execution in list(self._executions.values()):
-                if execution.task in late:
+                if execution.task is not None and not execution.release_on_cancel:
                     execution.release_on_cancel = True
                     execution.task.cancel()
+            _, late = await asyncio.wait(tasks, timeout=RELEASE_TIMEOUT)
             if late:
-                await asyncio.wait(late, timeout=5.0)
+                log.warning("%d run(s) could not be released; their leases will expire",
+                            len(late))
+                break
         log.info("drained")
 
     # --- connection -----------------------------------------------------------------
 
     async def _connect_loop(self) -> None:
         failures = 0
-        while not self._stopping:
+        # While draining, stay connected until every execution has reported.
+        while not self._stopping or self._executions:
             established = False
             try:
                 async with grpc.aio.insecure_channel(self.coordinator,
@@ -198,7 +221,7 @@ class Worker:
             finally:
                 self._outbound = None
                 self.connected.clear()
-            if self._stopping:
+            if self._stopping and not self._executions:
                 return
             failures = 0 if established else failures + 1
             delay = min(self._max_reconnect_delay, 0.1 * 2 ** failures) * random.uniform(0.8, 1.2)
@@ -267,10 +290,10 @@ class Worker:
                 del self._pending[request_id]
 
     async def _heartbeat(self, outbound: asyncio.Queue[Any], interval: float) -> None:
-        beat = worker_pb2.SessionRequest(heartbeat=worker_pb2.Heartbeat())
         while True:
             await asyncio.sleep(interval)
-            outbound.put_nowait(beat)
+            outbound.put_nowait(worker_pb2.SessionRequest(heartbeat=worker_pb2.Heartbeat(
+                active_lease_ids=list(self._executions))))
 
     def _handle(self, response: worker_pb2.SessionResponse) -> None:
         kind = response.WhichOneof("kind")
@@ -295,6 +318,10 @@ class Worker:
 
     async def _request(self, message: worker_pb2.SessionRequest, lease_id: str) -> None:
         """Send a request and wait for its acknowledgement, across reconnects."""
+        if message.ByteSize() > MAX_MESSAGE_BYTES:
+            raise WriteRefusedError(
+                f"a {message.WhichOneof('kind')} of {message.ByteSize()} bytes is over the "
+                f"{MAX_MESSAGE_BYTES}-byte message limit")
         message.request_id = next(self._ids)
         future: asyncio.Future[worker_pb2.Ack] = asyncio.get_running_loop().create_future()
         self._pending[message.request_id] = _Pending(message, future, lease_id)
@@ -309,8 +336,22 @@ class Worker:
             # Sending it again cannot help (too large, not JSON, ...).
             raise WriteRefusedError(f"the coordinator refused a write: {ack.message}")
         if ack.code != 0:
-            raise RatchetError(f"the coordinator could not record a write: {ack.message} "
-                               f"(code {ack.code})")
+            raise TransientWriteError(f"the coordinator could not record a write: "
+                                      f"{ack.message} (code {ack.code})")
+
+    async def _request_patiently(
+        self, message: worker_pb2.SessionRequest, lease_id: str
+    ) -> None:
+        """`_request`, trying again with backoff while the coordinator's store is down."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                await self._request(message, lease_id)
+                return
+            except TransientWriteError as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    raise
+                log.warning("%s; trying again", exc)
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** attempt))
 
     # --- executions -------------------------------------------------------------------
 
@@ -342,6 +383,9 @@ class Worker:
                 outcome = worker_pb2.Complete(
                     lease_id=lease_id, run_id=run_id,
                     succeeded=worker_pb2.Succeeded(output=task.dump_output(result)))
+                state = ctx._state_update()
+                if state is not None:
+                    outcome.state = state
             except (asyncio.CancelledError, LeaseLostError):
                 raise
             except Exception as exc:
@@ -350,9 +394,10 @@ class Worker:
                             error.type, error.message)
                 outcome = worker_pb2.Complete(lease_id=lease_id, run_id=run_id,
                                               failed=worker_pb2.Failed(error=error_to_pb(error)))
-            state = ctx._state_update()
-            if state is not None:
-                outcome.state = state
+                with contextlib.suppress(TypeError):  # a state that cannot be saved stays behind
+                    state = ctx._state_update()
+                    if state is not None:
+                        outcome.state = state
             await self._complete(outcome, lease_id)
         except LeaseLostError as exc:
             log.warning("run %s: lease %s lost (%s); dropping this execution",
@@ -362,38 +407,32 @@ class Worker:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(self._request(worker_pb2.SessionRequest(
                         release=worker_pb2.ReleaseLease(lease_id=lease_id, run_id=run_id)),
-                        lease_id), 5.0)
+                        lease_id), RELEASE_TIMEOUT)
                     log.info("run %s released for another worker", run_id)
         except Exception:
-            log.exception("run %s: could not report its outcome", run_id)
+            # No outcome could be recorded: give the run back rather than hold it.
+            log.exception("run %s: could not report its outcome; releasing it", run_id)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._request(worker_pb2.SessionRequest(
+                    release=worker_pb2.ReleaseLease(lease_id=lease_id, run_id=run_id)),
+                    lease_id), RELEASE_TIMEOUT)
         finally:
             self._executions.pop(lease_id, None)
 
-
     async def _complete(self, outcome: worker_pb2.Complete, lease_id: str) -> None:
         """Report the outcome until the coordinator records it: a refused output
-        becomes a non-retryable failure, a transient error is tried again, so
-        no run is left RUNNING by a worker that has finished with it."""
-        for attempt in range(1, COMPLETE_ATTEMPTS + 1):
-            try:
-                await self._request(worker_pb2.SessionRequest(complete=outcome), lease_id)
-                return
-            except WriteRefusedError as exc:
-                if outcome.WhichOneof("outcome") != "succeeded":
-                    raise
-                log.warning("run %s: output refused (%s); failing the run", outcome.run_id, exc)
-                error = error_from_exception(exc)
-                failed = worker_pb2.Complete(lease_id=outcome.lease_id, run_id=outcome.run_id,
-                                             failed=worker_pb2.Failed(error=error_to_pb(error)))
-                outcome = failed
-            except LeaseLostError:
+        becomes a non-retryable failure and a transient error is tried again,
+        so no run is left RUNNING by a worker that has finished with it."""
+        try:
+            await self._request_patiently(worker_pb2.SessionRequest(complete=outcome), lease_id)
+        except WriteRefusedError as exc:
+            if outcome.WhichOneof("outcome") != "succeeded":
                 raise
-            except RatchetError as exc:
-                if attempt == COMPLETE_ATTEMPTS:
-                    raise
-                log.warning("run %s: could not report the outcome (%s); trying again",
-                            outcome.run_id, exc)
-                await asyncio.sleep(min(5.0, 0.2 * 2 ** attempt))
+            log.warning("run %s: output refused (%s); failing the run", outcome.run_id, exc)
+            error = error_to_pb(error_from_exception(exc))
+            failed = worker_pb2.Complete(lease_id=outcome.lease_id, run_id=outcome.run_id,
+                                         failed=worker_pb2.Failed(error=error))
+            await self._request_patiently(worker_pb2.SessionRequest(complete=failed), lease_id)
 
 
 class _LeaseJournal:
@@ -402,5 +441,5 @@ class _LeaseJournal:
         self._lease_id = lease_id
 
     async def checkpoint(self, checkpoint: worker_pb2.Checkpoint) -> None:
-        await self._worker._request(worker_pb2.SessionRequest(checkpoint=checkpoint),
-                                    self._lease_id)
+        await self._worker._request_patiently(
+            worker_pb2.SessionRequest(checkpoint=checkpoint), self._lease_id)

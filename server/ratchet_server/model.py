@@ -247,6 +247,11 @@ class RunTransition:
     run_at: float | None = None
     # A released lease does not count as an attempt: the next lease reuses it.
     refund_attempt: bool = False
+    # Extra fences for taking a lease from a holder presumed gone: apply only
+    # if the lease still has this owner (no reconnect adopted it) and, when
+    # set, only if it is still expired at this time (no heartbeat renewed it).
+    expect_owner: str | None = None
+    expired_before: float | None = None
 
 
 FencedWrite = StepWrite | RunTransition

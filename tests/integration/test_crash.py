@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -16,6 +17,10 @@ pytestmark = pytest.mark.timeout(120)
 async def test_sigkill_during_step_three_resumes_on_other_worker(
     cluster: Cluster, tmp_path: Path
 ) -> None:
+    # A lease TTL far above 2 s: only noticing the lost session can be that fast.
+    assert cluster.coordinator is not None
+    cluster.coordinator.terminate()
+    await cluster.start_coordinator("--lease-ttl", "30s")
     a = cluster.start_worker(slots=2)
     b = cluster.start_worker(slots=2)
     await cluster.wait_worker_connected(a)
@@ -70,8 +75,9 @@ async def test_silent_worker_loses_its_lease_and_is_fenced(
     finally:
         a.signal(signal.SIGCONT)
     # a wakes up, finishes its sleep, and its checkpoint is refused.
-    await eventually(lambda: "lost" in a.output(), timeout=15,
-                     what="the silent worker to notice its lost lease")
+    refused = re.compile(r"run \S+: lease \S+ lost \(lease .* is no longer current\)")
+    await eventually(lambda: refused.search(a.output()), timeout=15,
+                     what="the silent worker's checkpoint to be refused")
     assert a.proc.poll() is None  # it drops the run, not the process
     final = await client.get(run.id)
     assert final.status == "COMPLETED" and final.output == {"pid": b.pid}

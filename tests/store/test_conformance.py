@@ -6,6 +6,7 @@ Each test gets a freshly migrated store from the `store` fixture, once per kind.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from typing import Any
@@ -460,11 +461,34 @@ async def test_renew_leases(store: Store) -> None:
     # A finished run is not renewed.
     await store.apply([transition(mine[1].run, model.RunStatus.COMPLETED)])
     before = time.time()
-    assert await store.renew_leases("me", 100.0) == 1
+    ids = [str(m.run.lease_id) for m in mine] + [str(theirs.lease_id)]
+    assert await store.renew_leases("me", ids, 100.0) == 1
     renewed = await must_get(store, mine[0].run.id)
     assert renewed.lease_expires_at is not None and renewed.lease_expires_at >= before + 99
     assert (await must_get(store, theirs.id)).lease_expires_at == theirs.lease_expires_at
-    assert await store.renew_leases("nobody", 100.0) == 0
+    assert await store.renew_leases("nobody", ids, 100.0) == 0
+
+
+async def test_renew_leases_renews_only_the_listed_ones(store: Store) -> None:
+    await create(store, new_run(), new_run())
+    listed, forgotten = await lease(store, limit=2, owner="me", ttl=1.0)
+    assert await store.renew_leases("me", [str(listed.run.lease_id)], 100.0) == 1
+    assert (await must_get(store, forgotten.run.id)).lease_expires_at == \
+        forgotten.run.lease_expires_at
+    assert await store.renew_leases("me", [], 100.0) == 0
+
+
+async def test_lease_loss_is_fenced_by_owner_and_expiry(store: Store) -> None:
+    await create(store, new_run())
+    held = (await lease(store, limit=1, owner="me", ttl=100.0))[0].run
+    lose = dataclasses.replace(transition(held, model.RunStatus.QUEUED), expect_owner="other")
+    assert await store.apply([lose]) == [False]  # adopted by another session meanwhile
+    lose = dataclasses.replace(transition(held, model.RunStatus.QUEUED), expect_owner="me",
+                               expired_before=time.time())
+    assert await store.apply([lose]) == [False]  # renewed meanwhile: not expired
+    lose = dataclasses.replace(lose, expired_before=time.time() + 1000)
+    assert await store.apply([lose]) == [True]
+    assert (await must_get(store, held.id)).status is model.RunStatus.QUEUED
 
 
 async def test_adopt_leases(store: Store) -> None:

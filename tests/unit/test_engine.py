@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -463,12 +464,62 @@ async def test_heartbeat_keeps_a_lease_alive(store: Store) -> None:
         run = await trigger_one(engine)
         leased = (await next_push(session)).run
         for _ in range(8):
-            await engine.heartbeat(session)
+            await engine.heartbeat(session, [str(leased.lease_id)])
             await asyncio.sleep(0.05)
         kept = await get(engine, run.id)
         assert kept.status is model.RunStatus.RUNNING and kept.lease_id == leased.lease_id
     finally:
         await stop(engine)
+
+
+async def test_heartbeat_without_the_lease_lets_it_expire(store: Store) -> None:
+    """A worker that lost track of a run cannot hold it by heartbeating."""
+    engine = Engine(store, EngineConfig(lease_ttl=0.3, heartbeat_interval=0.1,
+                                        reap_interval=0.02))
+    await engine.start()
+    try:
+        session = await open_session(engine, slots=1)
+        run = await trigger_one(engine)
+        first = (await next_push(session)).run
+        for _ in range(8):
+            await engine.heartbeat(session, [])
+            await asyncio.sleep(0.05)
+        again = (await next_push(session)).run
+        assert again.id == run.id and again.lease_id != first.lease_id and again.attempt == 2
+    finally:
+        await stop(engine)
+
+
+async def test_undelivered_leases_go_back_without_costing_an_attempt(store: Store) -> None:
+    engine = Engine(store, EngineConfig(session_grace=30.0))
+    await engine.start()
+    try:
+        session = await open_session(engine, slots=1)
+        run = await trigger_one(engine)
+        await asyncio.wait_for(_until(lambda: not session.outbox.empty()), 5.0)
+        engine.close_session(session)  # the push was never taken from the outbox
+
+        async def requeued() -> bool:
+            r = await get(engine, run.id)
+            return r.status is model.RunStatus.QUEUED and r.attempt == 0
+
+        await asyncio.wait_for(_until_async(requeued), 5.0)
+    finally:
+        await stop(engine)
+
+
+async def _until(check: Any) -> None:
+    for _ in range(1000):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+
+
+async def _until_async(check: Any) -> None:
+    for _ in range(1000):
+        if await check():
+            return
+        await asyncio.sleep(0.01)
 
 
 async def test_release_refunds_the_attempt(engine: Engine) -> None:

@@ -110,8 +110,10 @@ class Welcome(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., adopted_lease_ids: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("active_lease_ids",)
+    ACTIVE_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    active_lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, active_lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SlotsUpdate(_message.Message):
     __slots__ = ("slots",)

@@ -179,7 +179,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
                 session.seen()
                 kind = request.WhichOneof("kind")
                 if kind == "heartbeat":
-                    tasks.start(self._engine.heartbeat(session))
+                    listed = list(request.heartbeat.active_lease_ids)
+                    tasks.start(self._engine.heartbeat(session, listed or list(session.active)))
                 elif kind == "slots":
                     self._engine.set_slots(session, min(request.slots.slots, MAX_SLOTS))
                 elif kind in ("checkpoint", "complete", "release"):

@@ -297,6 +297,13 @@ class Engine:
                 del self._lease_session[lease_id]
         log.info("session %s closed; its leases are released in %.1fs",
                  session.id, self.config.session_grace)
+        # Leases pushed to the session but never sent: the worker never saw
+        # them, so they go back without costing an attempt.
+        while not session.outbox.empty():
+            push = session.outbox.get_nowait()
+            if isinstance(push, LeasePush) and push.leased.run.lease_id:
+                self._spawn(self._give_back(push.leased.run.id, push.leased.run.lease_id,
+                                            session.id))
         loop = asyncio.get_running_loop()
         handle: asyncio.TimerHandle | None = None
 
@@ -310,11 +317,24 @@ class Engine:
 
     async def _release_session(self, session_id: str) -> None:
         refs = await self.store.owned_leases(session_id)
-        await self._lose_leases(refs, "the worker's session closed")
+        await self._lose_leases(refs, "the worker's session closed", expired_before=None)
 
-    async def heartbeat(self, session: Session) -> None:
+    async def _give_back(self, run_id: str, lease_id: str, owner: str) -> None:
+        write = model.RunTransition(
+            run_id=run_id, lease_id=lease_id, status=model.RunStatus.QUEUED,
+            run_at=time.time(), refund_attempt=True, expect_owner=owner,
+            events=(model.Event(run_id=run_id, type=model.EventType.LEASE_RELEASED,
+                                at=time.time(), lease_id=lease_id,
+                                data=json.dumps({"reason": "never delivered"})),))
+        if await self._write(write):
+            self._forget_lease(lease_id)
+            self._wake.set()
+
+    async def heartbeat(self, session: Session, lease_ids: Sequence[str]) -> None:
+        """Renew the leases the worker says it is executing (only those)."""
         session.seen()
-        await self.store.renew_leases(session.id, self.config.lease_ttl)
+        if lease_ids:
+            await self.store.renew_leases(session.id, lease_ids, self.config.lease_ttl)
 
     def set_slots(self, session: Session, slots: int) -> None:
         session.slots = slots
@@ -374,6 +394,7 @@ class Engine:
                     {"type": error.type, "message": error.message})),),
         )
         if not await self._write(write):
+            self._forget_lease(lease_id)
             raise errors.StaleLease(
                 f"lease {lease_id!r} of run {run_id!r} is no longer current")
 
@@ -457,19 +478,29 @@ class Engine:
                 data=json.dumps({"status": "FAILED", "error": error.type,
                                  "message": error.message})),))
 
-    async def _lose_leases(self, refs: Sequence[model.LeaseRef], why: str) -> None:
-        """Leases whose holder is gone: the attempt counts as failed (DESIGN §3)."""
-        for ref in refs:
+    async def _lose_leases(
+        self, refs: Sequence[model.LeaseRef], why: str, *, expired_before: float | None
+    ) -> None:
+        """Leases whose holder is gone: the attempt counts as failed (DESIGN §3).
+
+        Each write is fenced by the owner read with the lease (and, for expiry,
+        by the expiry), so a lease renewed or adopted meanwhile is left alone.
+        """
+
+        async def lose(ref: model.LeaseRef) -> None:
             error = model.ErrorInfo(type="LeaseLost", message=why, attempt=ref.attempt)
             transition = self._failure_transition(ref, error, state=None, immediate=True)
             lost = model.Event(run_id=ref.run_id, type=model.EventType.LEASE_LOST,
                                at=time.time(), attempt=ref.attempt, lease_id=ref.lease_id,
                                data=json.dumps({"reason": why}))
-            applied = await self._write(
-                dataclasses.replace(transition, events=(lost, *transition.events)))
+            applied = await self._write(dataclasses.replace(
+                transition, events=(lost, *transition.events), expect_owner=ref.lease_owner,
+                expired_before=expired_before))
             if applied:
                 log.warning("run %s: lease %s lost (%s)", ref.run_id, ref.lease_id, why)
                 self._forget_lease(ref.lease_id)
+
+        await asyncio.gather(*(lose(ref) for ref in refs))
         if refs:
             self._wake.set()
 
@@ -583,7 +614,8 @@ class Engine:
             try:
                 refs = await self.store.expired_leases(limit=200)
                 if refs:
-                    await self._lose_leases(refs, "the lease expired without a heartbeat")
+                    await self._lose_leases(refs, "the lease expired without a heartbeat",
+                                            expired_before=time.time())
             except asyncio.CancelledError:
                 raise
             except Exception:

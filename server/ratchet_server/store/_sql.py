@@ -257,7 +257,7 @@ WHERE env = :env AND status = 'QUEUED' AND task_id IN {task_ids}
 
 RENEW_LEASES = """
 UPDATE runs SET lease_expires_at = :expires_at
-WHERE lease_owner = :owner AND status = 'RUNNING'
+WHERE lease_owner = :owner AND status = 'RUNNING' AND lease_id IN {lease_ids}
 """
 
 ADOPT_LEASES = """
@@ -318,6 +318,8 @@ UPDATE runs SET
     finished_at = :finished_at,
     updated_at = :now
 WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
+  AND (CAST(:owner AS TEXT) IS NULL OR lease_owner = :owner)
+  AND (CAST(:expired_before AS DOUBLE PRECISION) IS NULL OR lease_expires_at < :expired_before)
 """
 
 CANCEL_RUN = """
@@ -525,6 +527,8 @@ def _transition_params(w: model.RunTransition, now: float) -> dict[str, Any]:
         "now": now,
         "run_id": w.run_id,
         "lease_id": w.lease_id,
+        "owner": w.expect_owner,
+        "expired_before": w.expired_before,
     }
 
 
@@ -567,8 +571,8 @@ def _batchable(writes: Sequence[model.FencedWrite]) -> bool:
         if isinstance(w, model.StepWrite):
             if step_lease.setdefault(w.run_id, w.lease_id) != w.lease_id:
                 return False
-        elif w.run_id in transitions:
-            return False
+        elif w.run_id in transitions or w.expect_owner or w.expired_before:
+            return False  # lease-loss transitions carry extra fences: apply one by one
         else:
             transitions.add(w.run_id)
     return not (transitions & step_lease.keys())

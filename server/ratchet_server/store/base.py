@@ -65,7 +65,7 @@ class Store(Protocol):
         ttl: float,
     ) -> list[model.LeasedRun]: ...
     async def next_run_at(self, env: str, task_ids: Sequence[str]) -> float | None: ...
-    async def renew_leases(self, owner: str, ttl: float) -> int: ...
+    async def renew_leases(self, owner: str, lease_ids: Sequence[str], ttl: float) -> int: ...
     async def adopt_leases(
         self, env: str, lease_ids: Sequence[str], owner: str, ttl: float
     ) -> list[str]: ...
@@ -270,10 +270,13 @@ class SqlStore(abc.ABC):
 
         return await self._run(txn)
 
-    async def renew_leases(self, owner: str, ttl: float) -> int:
+    async def renew_leases(self, owner: str, lease_ids: Sequence[str], ttl: float) -> int:
+        d = self.dialect
+        sql = d.sql(_sql.RENEW_LEASES, lease_ids=d.in_list.format(param=":lease_ids"))
+
         def txn(conn: Any) -> int:
-            cur = conn.execute(self.dialect.sql(_sql.RENEW_LEASES),
-                               {"owner": owner, "expires_at": time.time() + ttl})
+            cur = conn.execute(sql, {"owner": owner, "lease_ids": d.in_param(lease_ids),
+                                     "expires_at": time.time() + ttl})
             return int(cur.rowcount)
 
         return await self._run(txn)
