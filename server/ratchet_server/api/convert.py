@@ -103,9 +103,6 @@ def run_to_pb(run: model.Run) -> run_pb2.Run:
 
 
 def trigger_spec(task_id: str, payload: bytes, opts: run_pb2.TriggerOptions) -> TriggerSpec:
-    for tag in opts.tags:
-        if not tag or len(tag) > 128:
-            raise errors.InvalidArgument("tags must be 1 to 128 characters")
     return TriggerSpec(
         task_id=task_id,
         payload=payload,

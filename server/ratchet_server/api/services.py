@@ -30,7 +30,6 @@ log = logging.getLogger("ratchet.api")
 
 R = TypeVar("R")
 
-MAX_SLOTS = 10_000
 
 
 def _unary(
@@ -134,18 +133,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
         if first.WhichOneof("kind") != "hello":
             raise errors.InvalidArgument("the first message of a session must be hello")
         hello = first.hello
-        if hello.protocol_version and hello.protocol_version < MIN_PROTOCOL_VERSION:
-            raise errors.FailedPrecondition(
-                f"protocol version {hello.protocol_version} is no longer supported; "
-                f"this coordinator speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}")
-        if hello.slots > MAX_SLOTS:
-            raise errors.InvalidArgument(f"slots must be at most {MAX_SLOTS}")
-        ids = [t.id for t in hello.tasks]
-        if len(set(ids)) != len(ids):
-            raise errors.InvalidArgument("a task id appears twice in hello")
         tasks = [convert.task_from_pb(env, t) for t in hello.tasks]
         session, adopted = await self._engine.open_session(
-            env, hello.worker_id, tasks, hello.slots, list(hello.active_lease_ids))
+            env, hello.worker_id, tasks, hello.slots, list(hello.active_lease_ids),
+            protocol_version=hello.protocol_version)
         cfg = self._engine.config
         welcome = worker_pb2.SessionResponse(welcome=worker_pb2.Welcome(
             session_id=session.id, protocol_version=PROTOCOL_VERSION,
@@ -153,6 +144,12 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
             lease_ttl=convert.dur(cfg.lease_ttl), adopted_lease_ids=adopted,
             server_version=__version__))
         return session, welcome
+
+    async def _set_slots(self, session: WorkerSession, request: Any) -> None:
+        try:
+            self._engine.set_slots(session, request.slots.slots)
+        except errors.EngineError as exc:
+            log.warning("session %s: %s", session.id, exc)
 
     async def _forward(
         self, session: WorkerSession, out: asyncio.Queue[worker_pb2.SessionResponse | None]
@@ -182,7 +179,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
                     listed = list(request.heartbeat.active_lease_ids)
                     tasks.start(self._engine.heartbeat(session, listed or list(session.active)))
                 elif kind == "slots":
-                    self._engine.set_slots(session, min(request.slots.slots, MAX_SLOTS))
+                    tasks.start(self._set_slots(session, request))
                 elif kind in ("checkpoint", "complete", "release"):
                     # Each in its own task: many in flight share one group commit.
                     tasks.start(self._answer(session, request, kind, out))

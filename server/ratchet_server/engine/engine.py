@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ratchet import Retry
-from ratchet_server import model
+from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, model
 from ratchet_server.engine import errors
 from ratchet_server.engine.ids import new_id
 from ratchet_server.engine.schemas import SchemaCache
@@ -36,6 +36,7 @@ log = logging.getLogger("ratchet.engine")
 MAX_PAYLOAD_BYTES = 1024 * 1024
 MAX_STATE_BYTES = 256 * 1024
 MAX_BATCH = 1000
+MAX_SLOTS = 10_000
 DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
 DEFAULT_TASK_RETRY = Retry()
 TASK_CACHE_SECONDS = 2.0
@@ -204,6 +205,9 @@ class Engine:
             self._schemas.validate(task.id, task.payload_schema, json.loads(payload))
         if spec.priority and not -1000 <= spec.priority <= 1000:
             raise errors.InvalidArgument("priority must be between -1000 and 1000")
+        for tag in spec.tags:
+            if not tag or len(tag) > 128:
+                raise errors.InvalidArgument("tags must be 1 to 128 characters")
         key = spec.idempotency_key or None
         return model.NewRun(
             id=new_id("run"),
@@ -268,8 +272,18 @@ class Engine:
         tasks: Sequence[model.TaskDef],
         slots: int,
         active_lease_ids: Sequence[str],
+        *,
+        protocol_version: int = PROTOCOL_VERSION,
     ) -> tuple[Session, list[str]]:
         """Register the worker's tasks, adopt its surviving leases, start pushing."""
+        if protocol_version and protocol_version < MIN_PROTOCOL_VERSION:
+            raise errors.FailedPrecondition(
+                f"protocol version {protocol_version} is no longer supported; "
+                f"this coordinator speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}")
+        check_slots(slots)
+        ids = [t.id for t in tasks]
+        if len(set(ids)) != len(ids):
+            raise errors.InvalidArgument("a task id appears twice in hello")
         await self.register_tasks(tasks)
         session = Session(env, worker_id, [t.id for t in tasks], slots)
         adopted: list[str] = []
@@ -337,6 +351,7 @@ class Engine:
             await self.store.renew_leases(session.id, lease_ids, self.config.lease_ttl)
 
     def set_slots(self, session: Session, slots: int) -> None:
+        check_slots(slots)
         session.slots = slots
         self._wake.set()
 
@@ -620,6 +635,11 @@ class Engine:
                 raise
             except Exception:
                 log.exception("reaping expired leases failed; retrying")
+
+
+def check_slots(slots: int) -> None:
+    if not 0 <= slots <= MAX_SLOTS:
+        raise errors.InvalidArgument(f"slots must be between 0 and {MAX_SLOTS}")
 
 
 def decode_json(data: bytes, what: str, limit: int) -> str:
