@@ -176,8 +176,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
                 session.seen()
                 kind = request.WhichOneof("kind")
                 if kind == "heartbeat":
-                    listed = list(request.heartbeat.active_lease_ids)
-                    tasks.start(self._engine.heartbeat(session, listed or list(session.active)))
+                    tasks.start(self._engine.heartbeat(
+                        session, list(request.heartbeat.active_lease_ids)))
                 elif kind == "slots":
                     tasks.start(self._set_slots(session, request))
                 elif kind in ("checkpoint", "complete", "release"):
