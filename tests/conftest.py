@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from ratchet_server.store import Store, open_store
+from tests.harness import Cluster
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -89,6 +90,18 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ratchet.db'}"
     return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def cluster(database_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    """A coordinator process on a fresh database (SQLite file or Postgres schema)."""
+    c = Cluster(database_url, tmp_path)
+    try:
+        await c.start_coordinator()
+        yield c
+    finally:
+        await c.close()
+        print(c.logs())  # shown by pytest only when the test failed
 
 
 @pytest.fixture(params=["sqlite-memory", "postgres"])

@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import NoReturn
 
 import pytest
@@ -54,18 +53,6 @@ def node() -> str:
         if result.returncode != 0:
             pytest.fail(f"npm ci in {NODE_WORKER} failed:\n{result.stdout}\n{result.stderr}")
     return node
-
-
-@pytest.fixture
-async def cluster(database_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
-    """A coordinator process on a fresh database (SQLite file or Postgres schema)."""
-    c = Cluster(database_url, tmp_path)
-    try:
-        await c.start_coordinator()
-        yield c
-    finally:
-        await c.close()
-        print(c.logs())  # shown by pytest only when the test failed
 
 
 @pytest.fixture
