@@ -76,6 +76,11 @@ class EventType(enum.StrEnum):
     LEASE_RELEASED = "lease_released"
     FINISHED = "finished"
     CANCELED = "canceled"
+    SUSPENDED = "suspended"
+    RESUMED = "resumed"
+    WAIT_COMPLETED = "wait_completed"
+    EXPIRED = "expired"
+    TIMED_OUT = "timed_out"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -170,6 +175,8 @@ class Step:
     error: ErrorInfo | None
     started_at: float | None
     finished_at: float | None
+    wake_at: float | None = None
+    token_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -231,6 +238,8 @@ class StepWrite:
     finished_at: float | None
     state: str | None
     events: tuple[Event, ...]
+    wake_at: float | None = None
+    token_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -247,6 +256,8 @@ class RunTransition:
     run_at: float | None = None
     # A released lease does not count as an attempt: the next lease reuses it.
     refund_attempt: bool = False
+    # For WAITING: the wait step keys the run is blocked on.
+    waiting_on: tuple[str, ...] = ()
     # Extra fences for taking a lease from a holder presumed gone: apply only
     # if the lease still has this owner (no reconnect adopted it) and, when
     # set, only if it is still expired at this time (no heartbeat renewed it).

@@ -184,3 +184,21 @@ class CancelRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _ClassVar[int]
     run: Run
     def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
+
+class CompleteTokenRequest(_message.Message):
+    __slots__ = ("token_id", "data")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    data: bytes
+    def __init__(self, token_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CompleteTokenResponse(_message.Message):
+    __slots__ = ("completed", "run_id", "message")
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    completed: bool
+    run_id: str
+    message: str
+    def __init__(self, completed: _Optional[bool] = ..., run_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

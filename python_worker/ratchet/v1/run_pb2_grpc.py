@@ -60,6 +60,11 @@ class RunServiceStub:
                 request_serializer=ratchet_dot_v1_dot_run__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=ratchet_dot_v1_dot_run__pb2.CancelRunResponse.FromString,
                 _registered_method=True)
+        self.CompleteToken = channel.unary_unary(
+                '/ratchet.v1.RunService/CompleteToken',
+                request_serializer=ratchet_dot_v1_dot_run__pb2.CompleteTokenRequest.SerializeToString,
+                response_deserializer=ratchet_dot_v1_dot_run__pb2.CompleteTokenResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -105,6 +110,16 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompleteToken(self, request, context):
+        """CompleteToken delivers data to a run waiting on a wait token and wakes the
+        run. Completing a token twice changes nothing the second time (completed =
+        false says so). NOT_FOUND for an unknown token; INVALID_ARGUMENT for data
+        that is not JSON.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +147,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.CancelRun,
                     request_deserializer=ratchet_dot_v1_dot_run__pb2.CancelRunRequest.FromString,
                     response_serializer=ratchet_dot_v1_dot_run__pb2.CancelRunResponse.SerializeToString,
+            ),
+            'CompleteToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteToken,
+                    request_deserializer=ratchet_dot_v1_dot_run__pb2.CompleteTokenRequest.FromString,
+                    response_serializer=ratchet_dot_v1_dot_run__pb2.CompleteTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +290,33 @@ class RunService:
             '/ratchet.v1.RunService/CancelRun',
             ratchet_dot_v1_dot_run__pb2.CancelRunRequest.SerializeToString,
             ratchet_dot_v1_dot_run__pb2.CancelRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratchet.v1.RunService/CompleteToken',
+            ratchet_dot_v1_dot_run__pb2.CompleteTokenRequest.SerializeToString,
+            ratchet_dot_v1_dot_run__pb2.CompleteTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -148,7 +148,7 @@ class LeaseGrant(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("lease_id", "run_id", "step_key", "kind", "event", "attempt", "output", "error", "started_at", "finished_at", "state", "retry_base", "retry_at")
+    __slots__ = ("lease_id", "run_id", "step_key", "kind", "event", "attempt", "output", "error", "started_at", "finished_at", "state", "retry_base", "retry_at", "wake_at", "token_id")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,8 @@ class Checkpoint(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     RETRY_BASE_FIELD_NUMBER: _ClassVar[int]
     RETRY_AT_FIELD_NUMBER: _ClassVar[int]
+    WAKE_AT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     run_id: str
     step_key: str
@@ -175,7 +177,9 @@ class Checkpoint(_message.Message):
     state: bytes
     retry_base: int
     retry_at: _timestamp_pb2.Timestamp
-    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step_key: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.StepKind, str]] = ..., event: _Optional[_Union[StepEvent, str]] = ..., attempt: _Optional[int] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[bytes] = ..., retry_base: _Optional[int] = ..., retry_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    wake_at: _timestamp_pb2.Timestamp
+    token_id: str
+    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step_key: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.StepKind, str]] = ..., event: _Optional[_Union[StepEvent, str]] = ..., attempt: _Optional[int] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[bytes] = ..., retry_base: _Optional[int] = ..., retry_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., wake_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_id: _Optional[str] = ...) -> None: ...
 
 class Succeeded(_message.Message):
     __slots__ = ("output",)
@@ -190,8 +194,10 @@ class Failed(_message.Message):
     def __init__(self, error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ...) -> None: ...
 
 class Suspended(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("step_keys",)
+    STEP_KEYS_FIELD_NUMBER: _ClassVar[int]
+    step_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Complete(_message.Message):
     __slots__ = ("lease_id", "run_id", "succeeded", "failed", "suspended", "state")

@@ -35,6 +35,7 @@ METHOD_ROLES: dict[str, frozenset[model.Role]] = {
     "/ratchet.v1.RunService/GetRun": _CLIENT,
     "/ratchet.v1.RunService/ListRuns": _CLIENT,
     "/ratchet.v1.RunService/CancelRun": _CLIENT,
+    "/ratchet.v1.RunService/CompleteToken": _CLIENT,
     "/ratchet.v1.SystemService/GetVersion": _ANY,
 }
 

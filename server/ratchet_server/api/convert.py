@@ -86,7 +86,9 @@ def step_to_pb(step: model.Step) -> common_pb2.Step:
         key=step.key, kind=STEP_KIND_TO_PB[step.kind], status=STEP_STATUS_TO_PB[step.status],
         attempts=step.attempts, output=_utf8(step.output), error=error_to_pb(step.error),
         started_at=ts(step.started_at), finished_at=ts(step.finished_at),
-        retry_base=step.retry_base)
+        retry_base=step.retry_base,
+        wake_at=ts(step.wake_at) if step.status is model.StepStatus.RUNNING else None,
+        token_id=step.token_id or "")
 
 
 def run_to_pb(run: model.Run) -> run_pb2.Run:

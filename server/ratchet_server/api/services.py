@@ -89,6 +89,13 @@ class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
         run = await self._engine.cancel(auth.principal().env, request.run_id, request.reason)
         return run_pb2.CancelRunResponse(run=convert.run_to_pb(run))
 
+    @_unary
+    async def CompleteToken(self, request: Any, context: Any) -> run_pb2.CompleteTokenResponse:
+        completed, run_id, message = await self._engine.complete_token(
+            auth.principal().env, request.token_id, request.data)
+        return run_pb2.CompleteTokenResponse(completed=completed, run_id=run_id,
+                                             message=message)
+
 
 class SystemService(system_pb2_grpc.SystemServiceServicer):  # type: ignore[misc]
     async def GetVersion(self, request: Any, context: Any) -> system_pb2.GetVersionResponse:
@@ -227,7 +234,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
             error=convert.error_from_pb(cp.error) if cp.HasField("error") else None,
             started_at=convert.from_ts(cp.started_at, cp.HasField("started_at")),
             finished_at=convert.from_ts(cp.finished_at, cp.HasField("finished_at")),
-            state=cp.state if cp.HasField("state") else None)
+            state=cp.state if cp.HasField("state") else None,
+            wake_at=convert.from_ts(cp.wake_at, cp.HasField("wake_at")),
+            token_id=cp.token_id or None)
 
     async def _complete(self, session: WorkerSession, c: Any) -> None:
         state = c.state if c.HasField("state") else None
@@ -241,7 +250,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
                 session, run_id=c.run_id, lease_id=c.lease_id,
                 error=convert.error_from_pb(c.failed.error), state=state)
         elif outcome == "suspended":
-            raise errors.InvalidArgument("suspended outcomes are not supported yet")
+            await self._engine.complete_suspended(
+                session, run_id=c.run_id, lease_id=c.lease_id,
+                step_keys=list(c.suspended.step_keys), state=state)
         else:
             raise errors.InvalidArgument("complete needs an outcome")
 

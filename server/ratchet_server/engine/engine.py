@@ -50,6 +50,8 @@ class EngineConfig:
     heartbeat_interval: float = 5.0
     session_grace: float = 1.0
     reap_interval: float = 1.0
+    # How often timers (sleeps, token timeouts, TTL, max duration) are checked.
+    timer_interval: float = 0.25
     max_write_batch: int = 512
     write_concurrency: int = 2
 
@@ -135,7 +137,7 @@ class Engine:
     async def start(self) -> None:
         await self.store.listen(lambda env: self._wake.set())
         for name, coro in (("dispatcher", self._dispatch_loop()), ("reaper", self._reap_loop()),
-                           ("writer", self._write_loop())):
+                           ("writer", self._write_loop()), ("timers", self._timer_loop())):
             self._loops.append(asyncio.create_task(coro, name=f"ratchet-{name}"))
 
     async def stop(self) -> None:
@@ -254,14 +256,24 @@ class Engine:
             raise errors.FailedPrecondition(
                 f"run {run_id!r} is already {existing.status.value}")
         if run.lease_id and run.lease_owner:
-            session = self._lease_session.pop(run.lease_id, None)
-            if session is not None:
-                session.active.discard(run.lease_id)
-                session.outbox.put_nowait(
-                    CancelPush(run_id=run.id, lease_id=run.lease_id,
-                               reason=reason or "canceled"))
-                self._wake.set()
+            self._tell_worker(run.id, run.lease_id, reason or "canceled")
+        # Unfinished children go too, and theirs.
+        parents = [run.id]
+        while parents:
+            children = await self.store.cancel_children(parents.pop())
+            for child in children:
+                if child.lease_id and child.lease_owner:
+                    self._tell_worker(child.id, child.lease_id, "the parent run was canceled")
+                parents.append(child.id)
         return run
+
+    def _tell_worker(self, run_id: str, lease_id: str, reason: str) -> None:
+        """Push a cancel to the session holding the lease, if it is connected here."""
+        session = self._lease_session.pop(lease_id, None)
+        if session is not None:
+            session.active.discard(lease_id)
+            session.outbox.put_nowait(CancelPush(run_id=run_id, lease_id=lease_id, reason=reason))
+            self._wake.set()
 
     # --- sessions -----------------------------------------------------------------
 
@@ -373,8 +385,12 @@ class Engine:
         started_at: float | None,
         finished_at: float | None,
         state: bytes | None,
+        wake_at: float | None = None,
+        token_id: str | None = None,
     ) -> None:
         """Record a step event; returns once committed. Raises StaleLease."""
+        if kind is model.StepKind.TOKEN and event is model.StepEvent.STARTED and not token_id:
+            raise errors.InvalidArgument("a token step needs a token_id")
         if not key:
             raise errors.InvalidArgument("step_key must not be empty")
         if attempt < 1:
@@ -402,6 +418,8 @@ class Engine:
             started_at=started_at,
             finished_at=finished_at if status is not model.StepStatus.RUNNING else None,
             state=self._state(state),
+            wake_at=wake_at if status is model.StepStatus.RUNNING else None,
+            token_id=token_id or None,
             events=() if event_type is None else (model.Event(
                 run_id=run_id, type=event_type, at=time.time(),
                 attempt=attempt, lease_id=lease_id, step_key=key,
@@ -425,6 +443,30 @@ class Engine:
             events=(model.Event(run_id=run_id, type=model.EventType.FINISHED, at=now,
                                 lease_id=lease_id, data=json.dumps({"status": "COMPLETED"})),))
         await self._finish(session, write, model.RunStatus.COMPLETED)
+
+    async def complete_suspended(
+        self, session: Session, *, run_id: str, lease_id: str, step_keys: Sequence[str],
+        state: bytes | None,
+    ) -> None:
+        """Every branch of the run waits: WAITING, no slot held, until a wait completes."""
+        if not step_keys:
+            raise errors.InvalidArgument("a suspended outcome names the wait steps")
+        write = model.RunTransition(
+            run_id=run_id, lease_id=lease_id, status=model.RunStatus.WAITING,
+            state=self._state(state), waiting_on=tuple(step_keys),
+            events=(model.Event(run_id=run_id, type=model.EventType.SUSPENDED, at=time.time(),
+                                lease_id=lease_id, data=json.dumps({"waiting_on": list(step_keys)})),))
+        await self._finish(session, write, model.RunStatus.WAITING)
+
+    async def complete_token(self, env: str, token_id: str, data: bytes) -> tuple[bool, str, str]:
+        """Deliver data to a waiting token; (completed, run id, why not)."""
+        text = decode_json(data or b"null", "data", MAX_PAYLOAD_BYTES)
+        completed, run_id, message = await self.store.complete_token(env, token_id, text)
+        if run_id is None:
+            raise errors.NotFound(f"token {token_id!r} not found")
+        if completed:
+            self._wake.set()
+        return completed, run_id, message
 
     async def complete_failure(
         self, session: Session, *, run_id: str, lease_id: str, error: model.ErrorInfo,
@@ -462,7 +504,8 @@ class Engine:
         run = await self.store.get_run(session.env, run_id)
         if run is not None and run.lease_id == lease_id and (
             run.status is status
-            or (status is model.RunStatus.FAILED and run.status is model.RunStatus.QUEUED)
+            or (status in (model.RunStatus.FAILED, model.RunStatus.WAITING)
+                and run.status is model.RunStatus.QUEUED)
         ):
             return
         raise errors.StaleLease(f"lease {lease_id!r} of run {run_id!r} is no longer current")
@@ -622,6 +665,24 @@ class Engine:
                 if due is not None and (next_due is None or due < next_due):
                     next_due = due
         return more, next_due
+
+    async def _timer_loop(self) -> None:
+        """Every due time goes through here: sleeps, token timeouts, TTL, max
+        duration. Each is claimed with SKIP LOCKED, so with several
+        coordinators on one database each timer fires once."""
+        while True:
+            await asyncio.sleep(self.config.timer_interval)
+            try:
+                if await self.store.fire_timers(limit=500):
+                    self._wake.set()
+                await self.store.expire_runs(limit=500)
+                for ref in await self.store.time_out_runs(limit=500):
+                    self._tell_worker(ref.run_id, ref.lease_id,
+                                      "the run exceeded its max duration")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("timers failed; retrying")
 
     async def _reap_loop(self) -> None:
         while True:

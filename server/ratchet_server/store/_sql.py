@@ -52,6 +52,10 @@ class Dialect:
     name: str
     # "column IN <this>" for a list parameter `:ids` passed via `in_param`.
     in_list: str
+    # "column IN <this>" for a column holding a JSON array of strings.
+    in_json_column: str
+    # Row locks for work that any coordinator may claim (timers).
+    skip_locked: str
     translate: Any  # Callable[[str], str]
     # Translated statements, by template and fragments (the SQL is constant).
     _cache: dict[tuple[Any, ...], str] = dataclasses.field(default_factory=dict, compare=False)
@@ -70,11 +74,15 @@ class Dialect:
 SQLITE = Dialect(
     name="sqlite",
     in_list="(SELECT value FROM json_each({param}))",
+    in_json_column="(SELECT value FROM json_each({column}))",
+    skip_locked="",
     translate=lambda s: s,
 )
 POSTGRES = Dialect(
     name="postgres",
     in_list="(SELECT unnest(CAST({param} AS text[])))",
+    in_json_column="(SELECT jsonb_array_elements_text(CAST({column} AS jsonb)))",
+    skip_locked="FOR UPDATE SKIP LOCKED",
     translate=to_pyformat,
 )
 
@@ -143,6 +151,8 @@ def step_from_row(row: Row) -> model.Step:
         error=error_from_json(row["error"]),
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        wake_at=row["wake_at"],
+        token_id=row["token_id"],
     )
 
 
@@ -194,10 +204,10 @@ WHERE env = :env AND task_id = :task_id AND idempotency_key = :key
 INSERT_RUN = """
 INSERT INTO runs (id, env, task_id, status, attempt, payload, queue, priority, retry, run_at,
                   idempotency_key, idempotency_expires_at, concurrency_key, tags, metadata,
-                  parent_run_id, ttl, max_duration, created_at, updated_at)
+                  parent_run_id, ttl, max_duration, expire_at, created_at, updated_at)
 VALUES (:id, :env, :task_id, 'QUEUED', 0, :payload, :queue, :priority, :retry, :run_at,
         :idempotency_key, :idempotency_expires_at, :concurrency_key, :tags, :metadata,
-        :parent_run_id, :ttl, :max_duration, :now, :now)
+        :parent_run_id, :ttl, :max_duration, :expire_at, :now, :now)
 ON CONFLICT DO NOTHING
 RETURNING *
 """
@@ -217,7 +227,8 @@ LEASE_READY_SQLITE = """
 UPDATE runs SET
     status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || id,
     lease_owner = :owner, lease_expires_at = :expires_at,
-    started_at = COALESCE(started_at, :now), updated_at = :now
+    started_at = COALESCE(started_at, :now), updated_at = :now,
+    deadline_at = COALESCE(deadline_at, :now + max_duration)
 WHERE id IN (
     SELECT id FROM runs
     WHERE env = :env AND status = 'QUEUED' AND task_id IN {task_ids} AND run_at <= :now
@@ -234,7 +245,8 @@ LEASE_READY_POSTGRES = """
 UPDATE runs SET
     status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || runs.id,
     lease_owner = :owner, lease_expires_at = :expires_at,
-    started_at = COALESCE(started_at, :now), updated_at = :now
+    started_at = COALESCE(started_at, :now), updated_at = :now,
+    deadline_at = COALESCE(deadline_at, :now + max_duration)
 WHERE runs.id IN (
     SELECT r.id FROM unnest(CAST(:task_ids AS text[])) AS t(task_id)
     CROSS JOIN LATERAL (
@@ -290,10 +302,12 @@ WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
 
 UPSERT_STEP = """
 INSERT INTO steps (run_id, key, kind, status, attempts, retry_base, output, error, created_at,
-                   started_at, finished_at)
+                   started_at, finished_at, wake_at, token_id)
 VALUES (:run_id, :key, :kind, :status, :attempts, :retry_base, :output, :error, :now,
-        :started_at, :finished_at)
+        :started_at, :finished_at, :wake_at, :token_id)
 ON CONFLICT (run_id, key) DO UPDATE SET
+    wake_at = COALESCE(excluded.wake_at, steps.wake_at),
+    token_id = COALESCE(steps.token_id, excluded.token_id),
     status = excluded.status,
     attempts = CASE WHEN excluded.attempts > steps.attempts
                     THEN excluded.attempts ELSE steps.attempts END,
@@ -315,11 +329,82 @@ UPDATE runs SET
     attempt = attempt - :refund,
     lease_owner = NULL,
     lease_expires_at = NULL,
+    waiting_on = :waiting_on,
     finished_at = :finished_at,
     updated_at = :now
 WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
   AND (CAST(:owner AS TEXT) IS NULL OR lease_owner = :owner)
   AND (CAST(:expired_before AS DOUBLE PRECISION) IS NULL OR lease_expires_at < :expired_before)
+"""
+
+REQUEUE_IF_WOKEN = """
+UPDATE runs SET status = 'QUEUED', run_at = :now, waiting_on = NULL, updated_at = :now
+WHERE id = :run_id AND status = 'WAITING' AND EXISTS (
+    SELECT 1 FROM steps
+    WHERE steps.run_id = runs.id AND steps.status <> 'RUNNING' AND steps.key IN {waiting}
+)
+"""
+
+# A wait of the run completed: a WAITING run is queued again.
+WAKE_RUN = """
+UPDATE runs SET status = 'QUEUED', run_at = :now, waiting_on = NULL, updated_at = :now
+WHERE id = :run_id AND status = 'WAITING'
+"""
+
+# Waits that end by themselves: a sleep completes, a token times out.
+FIRE_TIMERS = """
+UPDATE steps SET
+    status = CASE WHEN kind = 'token' THEN 'FAILED' ELSE 'COMPLETED' END,
+    output = CASE WHEN kind = 'token' THEN NULL ELSE 'null' END,
+    error = CASE WHEN kind = 'token' THEN :timeout_error ELSE error END,
+    finished_at = :now
+WHERE (run_id, key) IN (
+    SELECT run_id, key FROM steps
+    WHERE status = 'RUNNING' AND wake_at <= :now
+    ORDER BY wake_at
+    LIMIT :limit
+    {skip_locked}
+)
+RETURNING run_id, key, kind
+"""
+
+EXPIRE_RUNS = """
+UPDATE runs SET status = 'EXPIRED', finished_at = :now, updated_at = :now
+WHERE id IN (
+    SELECT id FROM runs WHERE status = 'QUEUED' AND expire_at <= :now
+    LIMIT :limit
+    {skip_locked}
+)
+RETURNING id, attempt
+"""
+
+TIME_OUT_RUNS = """
+UPDATE runs SET status = 'TIMED_OUT', finished_at = :now, updated_at = :now,
+                lease_expires_at = NULL, error = :error
+WHERE id IN (
+    SELECT id FROM runs
+    WHERE status IN ('RUNNING', 'WAITING') AND deadline_at <= :now
+    LIMIT :limit
+    {skip_locked}
+)
+RETURNING id, lease_id, lease_owner, attempt
+"""
+
+SELECT_TOKEN = """
+SELECT steps.run_id, steps.key, steps.status FROM steps JOIN runs ON runs.id = steps.run_id
+WHERE steps.token_id = :token_id AND runs.env = :env
+"""
+
+COMPLETE_TOKEN = """
+UPDATE steps SET status = 'COMPLETED', output = :data, finished_at = :now
+WHERE token_id = :token_id AND status = 'RUNNING'
+"""
+
+CANCEL_CHILDREN = """
+UPDATE runs SET status = 'CANCELED', finished_at = :now, lease_expires_at = NULL,
+                updated_at = :now
+WHERE parent_run_id = :parent AND status IN ('QUEUED', 'RUNNING', 'WAITING')
+RETURNING *
 """
 
 CANCEL_RUN = """
@@ -389,6 +474,7 @@ def _new_run_params(new: model.NewRun, now: float) -> dict[str, Any]:
         "parent_run_id": new.parent_run_id,
         "ttl": new.ttl,
         "max_duration": new.max_duration,
+        "expire_at": None if new.ttl is None else new.run_at + new.ttl,
         "now": now,
     }
 
@@ -512,6 +598,8 @@ def _step_params(w: model.StepWrite, now: float) -> dict[str, Any]:
         "now": now,
         "started_at": w.started_at,
         "finished_at": w.finished_at,
+        "wake_at": w.wake_at,
+        "token_id": w.token_id,
     }
 
 
@@ -529,6 +617,7 @@ def _transition_params(w: model.RunTransition, now: float) -> dict[str, Any]:
         "lease_id": w.lease_id,
         "owner": w.expect_owner,
         "expired_before": w.expired_before,
+        "waiting_on": json.dumps(list(w.waiting_on)) if w.waiting_on else None,
     }
 
 
@@ -553,6 +642,13 @@ def apply_writes_txn(
                 conn.execute(step_sql, _step_params(w, now))
         else:
             cur = conn.execute(transition_sql, _transition_params(w, now))
+            if cur.rowcount == 1 and w.status is model.RunStatus.WAITING:
+                # A wait that completed before the run suspended wakes it at once.
+                woke = conn.execute(d.sql(REQUEUE_IF_WOKEN, waiting=d.in_json_column.format(
+                    column="runs.waiting_on")), {"run_id": w.run_id, "now": now})
+                if woke.rowcount == 1:
+                    events.append(model.Event(run_id=w.run_id, type=model.EventType.RESUMED,
+                                              at=now, data=json.dumps({"reason": "ready"})))
         applied.append(cur.rowcount == 1)
         if cur.rowcount == 1:
             events.extend(w.events)
@@ -571,7 +667,8 @@ def _batchable(writes: Sequence[model.FencedWrite]) -> bool:
         if isinstance(w, model.StepWrite):
             if step_lease.setdefault(w.run_id, w.lease_id) != w.lease_id:
                 return False
-        elif w.run_id in transitions or w.expect_owner or w.expired_before:
+        elif (w.run_id in transitions or w.expect_owner or w.expired_before
+              or w.status is model.RunStatus.WAITING):
             return False  # lease-loss transitions carry extra fences: apply one by one
         else:
             transitions.add(w.run_id)
@@ -596,6 +693,7 @@ UPDATE runs AS r SET
     attempt = r.attempt - v.refund,
     lease_owner = NULL,
     lease_expires_at = NULL,
+    waiting_on = NULL,
     finished_at = v.finished_at,
     updated_at = :now
 FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:statuses AS text[]),
@@ -650,6 +748,43 @@ def _apply_batched_txn(
     if events:
         conn.cursor().executemany(d.sql(INSERT_EVENT), [event_params(e) for e in events])
     return applied
+
+
+def fire_timers_txn(conn: Connection, d: Dialect, now: float,
+                    limit: int) -> list[tuple[str, str]]:
+    """Complete due sleeps and time out due tokens; wake their runs. Each
+    timer fires once, whichever coordinator claims it (SKIP LOCKED)."""
+    timeout = error_to_json(model.ErrorInfo(type="ratchet.TokenTimeoutError",
+                                            message="the wait token timed out"))
+    rows = conn.execute(d.sql(FIRE_TIMERS, skip_locked=d.skip_locked),
+                        {"now": now, "limit": limit, "timeout_error": timeout}).fetchall()
+    fired = [(r["run_id"], r["key"]) for r in rows]
+    events = [model.Event(run_id=run_id, type=model.EventType.WAIT_COMPLETED, at=now,
+                          step_key=key) for run_id, key in fired]
+    for run_id in dict.fromkeys(run_id for run_id, _ in fired):
+        if conn.execute(d.sql(WAKE_RUN), {"run_id": run_id, "now": now}).rowcount == 1:
+            events.append(model.Event(run_id=run_id, type=model.EventType.RESUMED, at=now))
+    insert_events_txn(conn, d, events)
+    return fired
+
+
+def complete_token_txn(
+    conn: Connection, d: Dialect, env: str, token_id: str, data: str, now: float
+) -> tuple[bool, str | None, str]:
+    row = conn.execute(d.sql(SELECT_TOKEN), {"token_id": token_id, "env": env}).fetchone()
+    if row is None:
+        return False, None, "unknown token"
+    run_id, key = row["run_id"], row["key"]
+    done = conn.execute(d.sql(COMPLETE_TOKEN), {"token_id": token_id, "data": data, "now": now})
+    if done.rowcount != 1:
+        why = "timed out" if row["status"] == "FAILED" else "already completed"
+        return False, run_id, f"the token was {why}; nothing changed"
+    events = [model.Event(run_id=run_id, type=model.EventType.WAIT_COMPLETED, at=now,
+                          step_key=key, data=json.dumps({"token_id": token_id}))]
+    if conn.execute(d.sql(WAKE_RUN), {"run_id": run_id, "now": now}).rowcount == 1:
+        events.append(model.Event(run_id=run_id, type=model.EventType.RESUMED, at=now))
+    insert_events_txn(conn, d, events)
+    return True, run_id, ""
 
 
 def list_runs_txn(

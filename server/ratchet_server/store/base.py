@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from ratchet._retry import NO_RETRY
 from ratchet_server import model
 from ratchet_server.store import _sql
 
@@ -73,6 +75,14 @@ class Store(Protocol):
     async def owned_leases(self, owner: str) -> list[model.LeaseRef]: ...
     async def get_lease(self, run_id: str, lease_id: str) -> model.LeaseRef | None: ...
     async def apply(self, writes: Sequence[model.FencedWrite]) -> list[bool]: ...
+
+    async def fire_timers(self, limit: int) -> list[tuple[str, str]]: ...
+    async def expire_runs(self, limit: int) -> list[str]: ...
+    async def time_out_runs(self, limit: int) -> list[model.LeaseRef]: ...
+    async def complete_token(
+        self, env: str, token_id: str, data: str
+    ) -> tuple[bool, str | None, str]: ...
+    async def cancel_children(self, parent_run_id: str) -> list[model.Run]: ...
 
     async def listen(self, callback: Callable[[str], None]) -> None:
         """Call `callback(env)` when another coordinator made runs ready."""
@@ -331,6 +341,76 @@ class SqlStore(abc.ABC):
             if requeued:
                 self._notify_txn(conn, {"*"})
             return result
+
+        return await self._run(txn)
+
+    # --- timers and waits ---------------------------------------------------------
+
+    async def fire_timers(self, limit: int) -> list[tuple[str, str]]:
+        def txn(conn: Any) -> list[tuple[str, str]]:
+            fired = _sql.fire_timers_txn(conn, self.dialect, time.time(), limit)
+            if fired:
+                self._notify_txn(conn, {"*"})
+            return fired
+
+        return await self._run(txn)
+
+    async def expire_runs(self, limit: int) -> list[str]:
+        d = self.dialect
+
+        def txn(conn: Any) -> list[str]:
+            now = time.time()
+            rows = conn.execute(d.sql(_sql.EXPIRE_RUNS, skip_locked=d.skip_locked),
+                                {"now": now, "limit": limit}).fetchall()
+            _sql.insert_events_txn(conn, d, (model.Event(
+                run_id=r["id"], type=model.EventType.EXPIRED, at=now, attempt=r["attempt"])
+                for r in rows))
+            return [r["id"] for r in rows]
+
+        return await self._run(txn)
+
+    async def time_out_runs(self, limit: int) -> list[model.LeaseRef]:
+        d = self.dialect
+        error = _sql.error_to_json(model.ErrorInfo(
+            type="ratchet.MaxDurationExceeded", message="the run took longer than its max duration",
+            non_retryable=True))
+
+        def txn(conn: Any) -> list[model.LeaseRef]:
+            now = time.time()
+            rows = conn.execute(d.sql(_sql.TIME_OUT_RUNS, skip_locked=d.skip_locked),
+                                {"now": now, "limit": limit, "error": error}).fetchall()
+            _sql.insert_events_txn(conn, d, (model.Event(
+                run_id=r["id"], type=model.EventType.TIMED_OUT, at=now, attempt=r["attempt"],
+                lease_id=r["lease_id"]) for r in rows))
+            return [model.LeaseRef(run_id=r["id"], lease_id=r["lease_id"] or "",
+                                   attempt=r["attempt"], retry=NO_RETRY,
+                                   lease_owner=r["lease_owner"]) for r in rows]
+
+        return await self._run(txn)
+
+    async def complete_token(
+        self, env: str, token_id: str, data: str
+    ) -> tuple[bool, str | None, str]:
+        def txn(conn: Any) -> tuple[bool, str | None, str]:
+            result = _sql.complete_token_txn(conn, self.dialect, env, token_id, data,
+                                             time.time())
+            if result[0]:
+                self._notify_txn(conn, {env})
+            return result
+
+        return await self._run(txn)
+
+    async def cancel_children(self, parent_run_id: str) -> list[model.Run]:
+        def txn(conn: Any) -> list[model.Run]:
+            now = time.time()
+            rows = conn.execute(self.dialect.sql(_sql.CANCEL_CHILDREN),
+                                {"parent": parent_run_id, "now": now}).fetchall()
+            runs = [_sql.run_from_row(r) for r in rows]
+            _sql.insert_events_txn(conn, self.dialect, (model.Event(
+                run_id=r.id, type=model.EventType.CANCELED, at=now, attempt=r.attempt,
+                lease_id=r.lease_id, data=json.dumps({"reason": "parent canceled"}))
+                for r in runs))
+            return runs
 
         return await self._run(txn)
 
