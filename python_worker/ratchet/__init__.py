@@ -27,6 +27,7 @@ from ratchet._errors import (
     RatchetError,
     RunFailedError,
     StepFailedError,
+    TokenTimeoutError,
     UnavailableError,
 )
 from ratchet._retry import Retry
@@ -53,6 +54,7 @@ __all__ = [
     "StepFailedError",
     "StepInfo",
     "Task",
+    "TokenTimeoutError",
     "UnavailableError",
     "Worker",
     "WorkerError",

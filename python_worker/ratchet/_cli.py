@@ -109,11 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task")
     p.add_argument("--payload", default="{}", help="JSON payload (default {})")
     p.add_argument("--idempotency-key", default=None)
-    p.add_argument("--delay", type=duration, default=None)
+    p.add_argument("--delay", type=duration, default=None, help="not before now + DELAY")
+    p.add_argument("--ttl", type=duration, default=None, help="EXPIRED if not started in time")
+    p.add_argument("--max-duration", type=duration, default=None, help="TIMED_OUT after this")
+    p.add_argument("--priority", type=int, default=0, help="higher first within a queue")
     p.add_argument("--tag", action="append", default=[])
     p.add_argument("--wait", action="store_true", help="wait until the run is final")
     p.add_argument("--timeout", type=duration, default=None, help="with --wait")
     p.add_argument("--json", action="store_true")
+    _client_args(p)
+
+    tokens = sub.add_parser("tokens", help="wait tokens").add_subparsers(
+        dest="tokens_command", required=True)
+    p = tokens.add_parser("complete", help="complete a wait token, waking its run")
+    p.add_argument("token")
+    p.add_argument("--data", default="null", help="JSON handed to the waiting task")
     _client_args(p)
 
     runs = sub.add_parser("runs", help="inspect and cancel runs").add_subparsers(
@@ -167,6 +177,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await _worker(args)
     if command == "trigger":
         return await _trigger(args)
+    if command == "tokens":
+        return await _tokens(args)
     return await _runs(args)
 
 
@@ -234,18 +246,28 @@ def _exit_abandoning_threads(code: int) -> int:
     return code
 
 
-def _payload(text: str) -> Any:
+def _payload(text: str, flag: str = "--payload") -> Any:
     try:
         return json.loads(text)
     except ValueError as exc:
-        raise CLIError(f"--payload is not valid JSON: {exc}") from None
+        raise CLIError(f"{flag} is not valid JSON: {exc}") from None
+
+
+async def _tokens(args: argparse.Namespace) -> int:
+    async with Client(args.coordinator, api_key=args.api_key) as client:
+        if await client.complete_token(args.token, _payload(args.data, "--data")):
+            print(f"{args.token} completed")
+        else:
+            print(f"{args.token} was already completed or timed out; nothing changed")
+    return 0
 
 
 async def _trigger(args: argparse.Namespace) -> int:
     async with Client(args.coordinator, api_key=args.api_key) as client:
         run = await client.trigger(args.task, _payload(args.payload),
                                    idempotency_key=args.idempotency_key, delay=args.delay,
-                                   tags=args.tag)
+                                   ttl=args.ttl, max_duration=args.max_duration,
+                                   priority=args.priority, tags=args.tag)
         if args.wait:
             run = await client.wait(run.id, timeout=args.timeout)
             run = await client.get(run.id)

@@ -125,6 +125,16 @@ class Client:
                                     run_pb2.CancelRunRequest(run_id=run_id, reason=reason))
         return run_from_pb(response.run)
 
+    async def complete_token(self, token_id: str, data: Any = None) -> bool:
+        """Deliver `data` to the run waiting on a wait token and wake it.
+
+        Returns False (and changes nothing) when the token was already
+        completed or timed out. Raises NotFoundError for an unknown token.
+        """
+        response = await self._call(self._runs.CompleteToken, run_pb2.CompleteTokenRequest(
+            token_id=token_id, data=to_json(data)))
+        return bool(response.completed)
+
     async def wait(self, run_id: str, *, timeout: float | None = None) -> Run:
         """Wait until the run is final and return it (polling with backoff).
 

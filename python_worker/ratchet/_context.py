@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
+import datetime as dt
 import functools
 import inspect
 import json
 import logging
+import random
+import secrets
 import time
 import typing
-from collections.abc import Awaitable, Callable, Mapping
+import uuid as uuid_module
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar
 
 import pydantic
 
 from ratchet._codec import error_from_exception, error_to_pb, timestamp, to_json
-from ratchet._errors import StepFailedError
+from ratchet._errors import StepFailedError, TokenTimeoutError
 from ratchet._retry import NO_RETRY, Retry
 from ratchet.v1 import common_pb2, worker_pb2
 
@@ -54,6 +59,7 @@ class Context:
         state: dict[str, Any],
         journal: Journal,
         executor: concurrent.futures.Executor | None = None,
+        sleep_threshold: float = 5.0,
     ) -> None:
         self.run_id = run_id
         self.task_id = task_id
@@ -67,6 +73,12 @@ class Context:
         self._uses: dict[str, int] = {}
         self._sent_state = to_json(state)
         self._cancelled = False
+        self._sleep_threshold = sleep_threshold
+        # Suspension: the run suspends when no step is executing and at least
+        # one branch is blocked on a durable wait.
+        self._active = 0
+        self._blocked: set[str] = set()
+        self.suspended = asyncio.Event()
 
     @property
     def idempotency_key(self) -> str:
@@ -134,6 +146,21 @@ class Context:
         # A FAILED one failed in an earlier run attempt: it gets a fresh budget.
         running = record is not None and record.status == common_pb2.STEP_STATUS_RUNNING
         base = record.retry_base if running and record is not None else attempts
+        with self._executing():
+            value = await self._attempts(key, fn, args, kwargs, policy, attempts, base, decode)
+        return typing.cast(T, value)
+
+    async def _attempts(
+        self,
+        key: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        policy: Retry,
+        attempts: int,
+        base: int,
+        decode: Callable[[Any], Any],
+    ) -> Any:
         while True:
             attempt = attempts + 1
             started = time.time()
@@ -164,7 +191,148 @@ class Context:
                 _current_step.reset(token)
             await self._checkpoint(key, worker_pb2.STEP_EVENT_COMPLETED, attempt, base, started,
                                    time.time(), output=output)
-            return typing.cast(T, decode(json.loads(output)))
+            return decode(json.loads(output))
+
+    # --- durable waits and values ---------------------------------------------------
+
+    async def sleep(self, name: str, duration: float | dt.timedelta) -> None:
+        """Wait durably. Short waits (up to the worker's sleep threshold, 5 s by
+        default) happen in process; longer ones suspend the run: it holds no
+        worker slot and is leased again when due, resuming from its snapshot."""
+        seconds = duration.total_seconds() if isinstance(duration, dt.timedelta) else duration
+        if seconds < 0:
+            raise ValueError("a sleep cannot be negative")
+        await self._sleep(name, lambda: time.time() + float(seconds))
+
+    async def sleep_until(self, name: str, when: dt.datetime) -> None:
+        """Wait durably until `when` (an aware datetime; naive means UTC)."""
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        await self._sleep(name, when.timestamp)
+
+    async def _sleep(self, name: str, due: Callable[[], float]) -> None:
+        key = self._key(name)
+        record = self._steps.get(key)
+        if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
+            return
+        if record is not None and record.HasField("wake_at"):
+            wake_at = record.wake_at.ToNanoseconds() / 1e9
+        else:
+            wake_at = due()
+        started = time.time()
+        if wake_at - started <= self._sleep_threshold:
+            with self._executing():
+                await asyncio.sleep(max(0.0, wake_at - started))
+                await self._checkpoint(key, worker_pb2.STEP_EVENT_COMPLETED, 1, 0, started,
+                                       time.time(), output=b"null", kind=common_pb2.STEP_KIND_SLEEP)
+            return
+        if record is None:
+            with self._executing():
+                await self._checkpoint(key, worker_pb2.STEP_EVENT_STARTED, 1, 0, started,
+                                       started, kind=common_pb2.STEP_KIND_SLEEP, wake_at=wake_at)
+                self._steps[key] = common_pb2.Step(
+                    key=key, kind=common_pb2.STEP_KIND_SLEEP,
+                    status=common_pb2.STEP_STATUS_RUNNING, attempts=1,
+                    wake_at=timestamp(wake_at))
+        await self._block(key)
+
+    async def create_token(self, name: str, *,
+                           timeout: float | dt.timedelta | None = None) -> str:
+        """Create a wait token and return its id, for an outside system or a
+        person to complete (`ratchet tokens complete`, `Client.complete_token`).
+        The same id comes back on every replay."""
+        key = self._key(name)
+        record = self._steps.get(key)
+        if record is not None:
+            return record.token_id
+        seconds = timeout.total_seconds() if isinstance(timeout, dt.timedelta) else timeout
+        token_id = "tok_" + secrets.token_urlsafe(24)
+        now = time.time()
+        wake_at = None if seconds is None else now + float(seconds)
+        with self._executing():
+            await self._checkpoint(key, worker_pb2.STEP_EVENT_STARTED, 1, 0, now, now,
+                                   kind=common_pb2.STEP_KIND_TOKEN, wake_at=wake_at,
+                                   token_id=token_id)
+        self._steps[key] = common_pb2.Step(
+            key=key, kind=common_pb2.STEP_KIND_TOKEN, status=common_pb2.STEP_STATUS_RUNNING,
+            attempts=1, token_id=token_id,
+            wake_at=None if wake_at is None else timestamp(wake_at))
+        return token_id
+
+    async def wait_for_token(self, token: str) -> Any:
+        """The data the token was completed with. Suspends the run until then;
+        raises TokenTimeoutError if the token's timeout passes first."""
+        found = [k for k, r in self._steps.items() if r.token_id == token]
+        if not found:
+            raise ValueError(f"token {token!r} was not created by this run")
+        key = found[0]
+        record = self._steps[key]
+        if record.status == common_pb2.STEP_STATUS_COMPLETED:
+            return json.loads(record.output or b"null")
+        if record.status == common_pb2.STEP_STATUS_FAILED:
+            raise TokenTimeoutError(f"wait token {key!r} timed out")
+        await self._block(key)
+
+    async def now(self) -> dt.datetime:
+        """The current time, recorded: a replay sees the same value."""
+        value = await self._value("now", lambda: time.time())
+        return dt.datetime.fromtimestamp(float(value), tz=dt.UTC)
+
+    async def random(self) -> float:
+        """A random float in [0, 1), recorded: a replay sees the same value."""
+        return float(await self._value("random", random.random))
+
+    async def uuid(self) -> uuid_module.UUID:
+        """A random UUID (v4), recorded: a replay sees the same value."""
+        return uuid_module.UUID(await self._value("uuid", lambda: str(uuid_module.uuid4())))
+
+    async def _value(self, name: str, produce: Callable[[], Any]) -> Any:
+        key = self._key(name)
+        record = self._steps.get(key)
+        if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
+            return json.loads(record.output)
+        value = produce()
+        now = time.time()
+        with self._executing():
+            await self._checkpoint(key, worker_pb2.STEP_EVENT_COMPLETED, 1, 0, now, now,
+                                   output=to_json(value), kind=common_pb2.STEP_KIND_VALUE)
+        return value
+
+    # --- suspension -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _executing(self) -> Iterator[None]:
+        """Mark a branch as doing durable work (the run must not suspend now)."""
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            self._check_suspend()
+
+    async def _block(self, key: str) -> Any:
+        """Wait for the run to suspend (this execution ends; the run resumes later)."""
+        self._blocked.add(key)
+        self._check_suspend()
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            self._blocked.discard(key)
+
+    def _check_suspend(self) -> None:
+        # Two loop hops: branches started by the same gather() get to begin
+        # their own steps before the decision is made.
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, self._decide)
+
+    def _decide(self) -> None:
+        if self._active == 0 and self._blocked:
+            self.suspended.set()
+
+    @property
+    def waiting_on(self) -> list[str]:
+        """Keys of the waits the run is blocked on (sent when it suspends)."""
+        return sorted(self._blocked)
 
     async def _checkpoint(
         self,
@@ -178,13 +346,17 @@ class Context:
         output: bytes = b"",
         error: common_pb2.ErrorInfo | None = None,
         retry_at: float | None = None,
+        kind: int = common_pb2.STEP_KIND_RUN,
+        wake_at: float | None = None,
+        token_id: str = "",
     ) -> None:
         checkpoint = worker_pb2.Checkpoint(
             lease_id=self._lease_id, run_id=self.run_id, step_key=key,
-            kind=common_pb2.STEP_KIND_RUN, event=event,  # type: ignore[arg-type]
+            kind=kind, event=event,  # type: ignore[arg-type]
             attempt=attempt, output=output, error=error, started_at=timestamp(started),
             finished_at=timestamp(finished), retry_base=base,
-            retry_at=None if retry_at is None else timestamp(retry_at))
+            retry_at=None if retry_at is None else timestamp(retry_at),
+            wake_at=None if wake_at is None else timestamp(wake_at), token_id=token_id)
         state = self._state_update()
         if state is not None:
             checkpoint.state = state

@@ -5,6 +5,7 @@
     ├── StepFailedError         a step used up its attempts; carries the step key and error
     ├── RunFailedError          Client.wait(): the run ended other than COMPLETED
     ├── LeaseLostError          the coordinator no longer honours this worker's lease
+    ├── TokenTimeoutError       a wait token's timeout passed before it was completed
     └── ClientError             a coordinator call failed; `.code` is the gRPC status name
         ├── NotFoundError
         ├── InvalidArgumentError
@@ -54,6 +55,10 @@ class RunFailedError(RatchetError):
         detail = f": {run.error.type}: {run.error.message}" if run.error else ""
         super().__init__(f"run {run.id} ended {run.status}{detail}")
         self.run = run
+
+
+class TokenTimeoutError(RatchetError):
+    """`ctx.wait_for_token()`: the token's timeout passed before anyone completed it."""
 
 
 class LeaseLostError(RatchetError):

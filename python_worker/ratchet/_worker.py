@@ -13,7 +13,7 @@ import os
 import random
 import signal
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any
 
 import grpc
@@ -98,6 +98,7 @@ class Worker:
         worker_id: str | None = None,
         drain_timeout: float = 30.0,
         max_reconnect_delay: float = 5.0,
+        sleep_threshold: float = 5.0,
     ) -> None:
         self._tasks = {t.id: t for t in tasks}
         if not self._tasks:
@@ -110,6 +111,9 @@ class Worker:
         self.slots = slots
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._drain_timeout = drain_timeout
+        # Durable sleeps up to this long happen in process (keeping the lease);
+        # longer ones suspend the run and free the slot.
+        self._sleep_threshold = sleep_threshold
         self._max_reconnect_delay = max_reconnect_delay
         self._executions: dict[str, _Execution] = {}
         self._pending: dict[int, _Pending] = {}
@@ -374,15 +378,23 @@ class Worker:
             ctx = Context(run_id=run_id, task_id=grant.task_id, attempt=grant.attempt,
                           lease_id=lease_id, steps={s.key: s for s in snapshot.steps},
                           state=json.loads(snapshot.state) if snapshot.state else {},
-                          journal=journal, executor=self._threads)
+                          journal=journal, executor=self._threads,
+                          sleep_threshold=self._sleep_threshold)
             execution.ctx = ctx
             try:
                 if task is None:
                     raise RatchetError(f"this worker does not serve task {grant.task_id!r}")
-                result = await task.fn(ctx, task.parse_payload(snapshot.payload))
-                outcome = worker_pb2.Complete(
-                    lease_id=lease_id, run_id=run_id,
-                    succeeded=worker_pb2.Succeeded(output=task.dump_output(result)))
+                waiting_on, result = await _until_done_or_suspended(
+                    ctx, task.fn(ctx, task.parse_payload(snapshot.payload)))
+                if waiting_on:
+                    log.info("run %s suspended, waiting on %s", run_id, ", ".join(waiting_on))
+                    outcome = worker_pb2.Complete(
+                        lease_id=lease_id, run_id=run_id,
+                        suspended=worker_pb2.Suspended(step_keys=waiting_on))
+                else:
+                    outcome = worker_pb2.Complete(
+                        lease_id=lease_id, run_id=run_id,
+                        succeeded=worker_pb2.Succeeded(output=task.dump_output(result)))
                 state = ctx._state_update()
                 if state is not None:
                     outcome.state = state
@@ -433,6 +445,28 @@ class Worker:
             failed = worker_pb2.Complete(lease_id=outcome.lease_id, run_id=outcome.run_id,
                                          failed=worker_pb2.Failed(error=error))
             await self._request_patiently(worker_pb2.SessionRequest(complete=failed), lease_id)
+
+
+async def _until_done_or_suspended(
+    ctx: Context, coro: Awaitable[Any]
+) -> tuple[list[str], Any]:
+    """Run the task until it returns, or until every branch waits durably:
+    then stop it and return the keys it waits on (the run will suspend)."""
+    main = asyncio.ensure_future(coro)
+    suspended = asyncio.ensure_future(ctx.suspended.wait())
+    try:
+        await asyncio.wait({main, suspended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        suspended.cancel()
+        if not main.done() and not ctx.suspended.is_set():
+            main.cancel()  # the execution itself was cancelled
+    if main.done():
+        return [], main.result()
+    waiting_on = ctx.waiting_on
+    main.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await main
+    return waiting_on, None
 
 
 class _LeaseJournal:

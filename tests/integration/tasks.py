@@ -138,3 +138,55 @@ async def huge_output(ctx: ratchet.Context, payload: dict[str, Any]) -> str:
     """Returns more than the coordinator accepts (1 MiB)."""
     mark(payload["dir"], "attempts")
     return "x" * (1024 * 1024 + 10)
+
+
+class Sleeper(pydantic.BaseModel):
+    dir: str
+    seconds: float = 30.0
+
+
+@ratchet.task(id="sleeper")
+async def sleeper(ctx: ratchet.Context, payload: Sleeper) -> dict[str, Any]:
+    """A step, a long durable sleep, a step; values recorded once."""
+    await ctx.step("before", mark, payload.dir, "before")
+    started = await ctx.now()
+    await ctx.sleep("nap", payload.seconds)
+    await ctx.step("after", mark, payload.dir, "after")
+    ended = await ctx.now()
+    return {"slept": (ended - started).total_seconds(), "pid": os.getpid()}
+
+
+@ratchet.task(id="three-sleeps")
+async def three_sleeps(ctx: ratchet.Context, payload: dict[str, Any]) -> list[float]:
+    """gather() of three suspending sleeps: the run ends after the longest."""
+    import asyncio
+
+    scale = payload.get("scale", 1.0)
+    await asyncio.gather(*(ctx.sleep(f"s{n}", n * 10 * scale) for n in (1, 2, 3)))
+    mark(payload["dir"], "done")
+    return [n * 10 * scale for n in (1, 2, 3)]
+
+
+class Approval(pydantic.BaseModel):
+    dir: str
+    timeout: float | None = None
+
+
+@ratchet.task(id="approval")
+async def approval(ctx: ratchet.Context, payload: Approval) -> dict[str, Any]:
+    """Waits for a person: the token id is written to a file for the test."""
+    token = await ctx.create_token("approve", timeout=payload.timeout)
+    await ctx.step("announce", lambda: (Path(payload.dir) / "token").write_text(token))
+    try:
+        decision = await ctx.wait_for_token(token)
+    except ratchet.TokenTimeoutError:
+        mark(payload.dir, "timed-out")
+        return {"approved": False, "timed_out": True}
+    mark(payload.dir, "decided")
+    return {"approved": True, "decision": decision}
+
+
+@ratchet.task(id="busy")
+async def busy(ctx: ratchet.Context, payload: dict[str, Any]) -> int:
+    """Short work, to show a sleeping run holds no slot."""
+    return await ctx.step("work", mark, payload["dir"], "busy")
