@@ -27,6 +27,7 @@ PUBLIC = [
     "StepFailedError",
     "StepInfo",
     "Task",
+    "TokenTimeoutError",
     "UnavailableError",
     "Worker",
     "WorkerError",

@@ -455,7 +455,8 @@ class Engine:
             run_id=run_id, lease_id=lease_id, status=model.RunStatus.WAITING,
             state=self._state(state), waiting_on=tuple(step_keys),
             events=(model.Event(run_id=run_id, type=model.EventType.SUSPENDED, at=time.time(),
-                                lease_id=lease_id, data=json.dumps({"waiting_on": list(step_keys)})),))
+                                lease_id=lease_id,
+                                data=json.dumps({"waiting_on": list(step_keys)})),))
         await self._finish(session, write, model.RunStatus.WAITING)
 
     async def complete_token(self, env: str, token_id: str, data: bytes) -> tuple[bool, str, str]:
