@@ -19,6 +19,7 @@ from ratchet._client import Client
 from ratchet._context import Context
 from ratchet._errors import (
     AuthenticationError,
+    ChildRunFailedError,
     ClientError,
     InvalidArgumentError,
     LeaseLostError,
@@ -37,6 +38,7 @@ from ratchet._worker import Worker, WorkerError
 
 __all__ = [
     "AuthenticationError",
+    "ChildRunFailedError",
     "Client",
     "ClientError",
     "Context",

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from ratchet._codec import duration, retry_to_pb, run_from_pb, to_json
+from ratchet._codec import run_from_pb, to_json, trigger_options
 from ratchet._errors import ClientError, RunFailedError, from_rpc_error
 from ratchet._retry import Retry
 from ratchet._task import Task
@@ -76,8 +76,8 @@ class Client:
         (`run.created` is False). Raises NotFoundError for a task no worker has
         registered, InvalidArgumentError for a payload that does not fit.
         """
-        options = _options(idempotency_key, idempotency_key_ttl, delay, ttl, priority, queue,
-                           concurrency_key, tags, metadata, retry, max_duration)
+        options = trigger_options(idempotency_key, idempotency_key_ttl, delay, ttl, priority,
+                                  queue, concurrency_key, tags, metadata, retry, max_duration)
         response = await self._call(self._runs.Trigger, run_pb2.TriggerRequest(
             task_id=_task_id(task), payload=to_json(payload), options=options))
         return run_from_pb(response.run, created=response.created)
@@ -105,6 +105,7 @@ class Client:
         status: RunStatus | str | Sequence[RunStatus | str] | None = None,
         task: Task[Any, Any] | str | None = None,
         tag: str | None = None,
+        parent: str | None = None,
         limit: int = 50,
         page_token: str = "",
     ) -> tuple[list[Run], str]:
@@ -115,7 +116,7 @@ class Client:
         request = run_pb2.ListRunsRequest(
             statuses=codes,
             task_id="" if task is None else _task_id(task), tag=tag or "", page_size=limit,
-            page_token=page_token)
+            page_token=page_token, parent_run_id=parent or "")
         response = await self._call(self._runs.ListRuns, request)
         return [run_from_pb(r) for r in response.runs], response.next_page_token
 
@@ -176,25 +177,3 @@ def _status_pb(status: RunStatus | str) -> int:
     except ValueError:
         raise ClientError("INVALID_ARGUMENT", f"unknown run status {status!r}") from None
     return int(common_pb2.RunStatus.Value(f"RUN_STATUS_{name}"))
-
-
-def _options(
-    idempotency_key: str | None, idempotency_key_ttl: float | None, delay: float | None,
-    ttl: float | None, priority: int, queue: str | None, concurrency_key: str | None,
-    tags: Sequence[str], metadata: Mapping[str, str] | None, retry: Retry | None,
-    max_duration: float | None,
-) -> run_pb2.TriggerOptions:
-    opts = run_pb2.TriggerOptions(
-        idempotency_key=idempotency_key or "", priority=priority, queue=queue or "",
-        concurrency_key=concurrency_key or "", tags=list(tags), metadata=dict(metadata or {}))
-    if idempotency_key_ttl is not None:
-        opts.idempotency_key_ttl.CopyFrom(duration(idempotency_key_ttl))
-    if delay is not None:
-        opts.delay.CopyFrom(duration(delay))
-    if ttl is not None:
-        opts.ttl.CopyFrom(duration(ttl))
-    if retry is not None:
-        opts.retry.CopyFrom(retry_to_pb(retry))
-    if max_duration is not None:
-        opts.max_duration.CopyFrom(duration(max_duration))
-    return opts

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import traceback
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pydantic_core
@@ -120,4 +121,28 @@ def run_from_pb(pb: run_pb2.Run, steps: Any = (), created: bool = True) -> Run:
         created_at=_dt(pb.created_at, pb.HasField("created_at")),
         started_at=_dt(pb.started_at, pb.HasField("started_at")),
         finished_at=_dt(pb.finished_at, pb.HasField("finished_at")),
-        steps=tuple(step_from_pb(s) for s in steps), created=created)
+        steps=tuple(step_from_pb(s) for s in steps), created=created,
+        parent_run_id=pb.parent_run_id)
+
+
+def trigger_options(
+    idempotency_key: str | None, idempotency_key_ttl: float | None, delay: float | None,
+    ttl: float | None, priority: int, queue: str | None, concurrency_key: str | None,
+    tags: Sequence[str], metadata: Mapping[str, str] | None, retry: Retry | None,
+    max_duration: float | None,
+) -> run_pb2.TriggerOptions:
+    """Trigger options as the protocol carries them (None and empty = unset)."""
+    opts = run_pb2.TriggerOptions(
+        idempotency_key=idempotency_key or "", priority=priority, queue=queue or "",
+        concurrency_key=concurrency_key or "", tags=list(tags), metadata=dict(metadata or {}))
+    if idempotency_key_ttl is not None:
+        opts.idempotency_key_ttl.CopyFrom(duration(idempotency_key_ttl))
+    if delay is not None:
+        opts.delay.CopyFrom(duration(delay))
+    if ttl is not None:
+        opts.ttl.CopyFrom(duration(ttl))
+    if retry is not None:
+        opts.retry.CopyFrom(retry_to_pb(retry))
+    if max_duration is not None:
+        opts.max_duration.CopyFrom(duration(max_duration))
+    return opts

@@ -16,15 +16,19 @@ import secrets
 import time
 import typing
 import uuid as uuid_module
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import pydantic
 
-from ratchet._codec import error_from_exception, error_to_pb, timestamp, to_json
-from ratchet._errors import StepFailedError, TokenTimeoutError
+from ratchet._codec import error_from_exception, error_to_pb, timestamp, to_json, trigger_options
+from ratchet._errors import ChildRunFailedError, StepFailedError, TokenTimeoutError
 from ratchet._retry import NO_RETRY, Retry
-from ratchet.v1 import common_pb2, worker_pb2
+from ratchet._types import RunError
+from ratchet.v1 import common_pb2, run_pb2, worker_pb2
+
+if typing.TYPE_CHECKING:
+    from ratchet._task import Task
 
 T = TypeVar("T")
 
@@ -35,9 +39,11 @@ logger = logging.getLogger("ratchet.task")
 
 
 class Journal(Protocol):
-    """Where a Context sends checkpoints; returns once the coordinator committed."""
+    """Where a Context sends its writes; each returns once the coordinator committed."""
 
     async def checkpoint(self, checkpoint: worker_pb2.Checkpoint) -> None: ...
+
+    async def trigger_children(self, request: worker_pb2.TriggerChildren) -> list[str]: ...
 
 
 class Context:
@@ -273,6 +279,59 @@ class Context:
             raise TokenTimeoutError(f"wait token {key!r} timed out")
         await self._block(key)
 
+    async def trigger(self, task: Task[Any, Any] | str, payload: Any = None, *,
+                      name: str | None = None, **options: Any) -> str:
+        """Start a child run (once per step key, however often this run
+        replays) and return its run id without waiting for it. `options` are
+        those of `Client.trigger` (delay, ttl, priority, tags, metadata, ...)."""
+        [run_id] = await self._children(name, task, [payload], False, options)
+        return str(run_id)
+
+    async def trigger_and_wait(self, task: Task[Any, Any] | str, payload: Any = None, *,
+                               name: str | None = None, **options: Any) -> Any:
+        """Start a child run and return its output. The run suspends while the
+        child works (holding no slot). Raises ChildRunFailedError if the child
+        ends other than COMPLETED."""
+        [output] = await self._children(name, task, [payload], True, options)
+        return output
+
+    async def batch_trigger_and_wait(self, task: Task[Any, Any] | str, payloads: Sequence[Any],
+                                     *, name: str | None = None, **options: Any) -> list[Any]:
+        """Fan out: one child per payload (at most 1,000), created together and
+        exactly once; returns their outputs in input order. Raises
+        ChildRunFailedError (with every result) if any child failed."""
+        return await self._children(name, task, list(payloads), True, options)
+
+    async def _children(self, name: str | None, task: Task[Any, Any] | str,
+                        payloads: list[Any], wait: bool, options: dict[str, Any]) -> list[Any]:
+        task_id = task if isinstance(task, str) else task.id
+        key = self._key(name or task_id)
+        record = self._steps.get(key)
+        if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
+            data = json.loads(record.output)
+            return _child_outputs(data) if wait else list(data)
+        if record is None or record.status == common_pb2.STEP_STATUS_FAILED:
+            opts = trigger_options(
+                None, None, options.get("delay"), options.get("ttl"),
+                options.get("priority", 0), options.get("queue"), options.get("concurrency_key"),
+                options.get("tags", ()), options.get("metadata"), options.get("retry"),
+                options.get("max_duration"))
+            request = worker_pb2.TriggerChildren(
+                lease_id=self._lease_id, run_id=self.run_id, step_key=key, wait=wait,
+                items=[run_pb2.BatchTriggerItem(task_id=task_id, payload=to_json(p),
+                                                options=opts) for p in payloads])
+            with self._executing():
+                run_ids = await self._journal.trigger_children(request)
+            if not wait:
+                self._steps[key] = common_pb2.Step(
+                    key=key, kind=common_pb2.STEP_KIND_CHILD,
+                    status=common_pb2.STEP_STATUS_COMPLETED, output=to_json(run_ids))
+                return run_ids
+            self._steps[key] = common_pb2.Step(key=key, kind=common_pb2.STEP_KIND_CHILD,
+                                               status=common_pb2.STEP_STATUS_RUNNING)
+        await self._block(key)
+        raise AssertionError("unreachable: a blocked branch ends with the suspension")
+
     async def now(self) -> dt.datetime:
         """The current time, recorded: a replay sees the same value."""
         value = await self._value("now", lambda: time.time())
@@ -361,6 +420,16 @@ class Context:
         if state is not None:
             checkpoint.state = state
         await self._journal.checkpoint(checkpoint)
+
+
+def _child_outputs(results: list[dict[str, Any]]) -> list[Any]:
+    for result in results:
+        if result["status"] != "COMPLETED":
+            error = result.get("error")
+            raise ChildRunFailedError(
+                result["run_id"], result["status"],
+                None if not error else RunError(**error), results)
+    return [result["output"] for result in results]
 
 
 async def _call(

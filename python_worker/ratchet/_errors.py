@@ -6,6 +6,7 @@
     ├── RunFailedError          Client.wait(): the run ended other than COMPLETED
     ├── LeaseLostError          the coordinator no longer honours this worker's lease
     ├── TokenTimeoutError       a wait token's timeout passed before it was completed
+    ├── ChildRunFailedError     a child run waited on ended other than COMPLETED
     └── ClientError             a coordinator call failed; `.code` is the gRPC status name
         ├── NotFoundError
         ├── InvalidArgumentError
@@ -59,6 +60,23 @@ class RunFailedError(RatchetError):
 
 class TokenTimeoutError(RatchetError):
     """`ctx.wait_for_token()`: the token's timeout passed before anyone completed it."""
+
+
+class ChildRunFailedError(RatchetError):
+    """A child run waited on by `trigger_and_wait` (or a batch) did not complete.
+
+    `run_id`, `status` and `error` describe the first child that failed;
+    `results` holds every child's result, in input order.
+    """
+
+    def __init__(self, run_id: str, status: str, error: RunError | None,
+                 results: list[dict[str, Any]]) -> None:
+        detail = f": {error.type}: {error.message}" if error else ""
+        super().__init__(f"child run {run_id} ended {status}{detail}")
+        self.run_id = run_id
+        self.status = status
+        self.error = error
+        self.results = results
 
 
 class LeaseLostError(RatchetError):

@@ -76,6 +76,7 @@ class Run:
     finished_at: dt.datetime | None
     steps: tuple[StepInfo, ...] = ()
     created: bool = True
+    parent_run_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (times as ISO 8601), as `ratchet runs show --json` prints."""
@@ -96,6 +97,7 @@ class Run:
             "error": err(self.error),
             "idempotency_key": self.idempotency_key or None,
             "tags": list(self.tags),
+            "parent_run_id": self.parent_run_id or None,
             "metadata": self.metadata,
             "created_at": iso(self.created_at),
             "started_at": iso(self.started_at),

@@ -320,7 +320,9 @@ class Worker:
         if self._outbound is not None:
             self._outbound.put_nowait(message)
 
-    async def _request(self, message: worker_pb2.SessionRequest, lease_id: str) -> None:
+    async def _request(
+        self, message: worker_pb2.SessionRequest, lease_id: str
+    ) -> worker_pb2.Ack:
         """Send a request and wait for its acknowledgement, across reconnects."""
         if message.ByteSize() > MAX_MESSAGE_BYTES:
             raise WriteRefusedError(
@@ -342,20 +344,21 @@ class Worker:
         if ack.code != 0:
             raise TransientWriteError(f"the coordinator could not record a write: "
                                       f"{ack.message} (code {ack.code})")
+        return ack
 
     async def _request_patiently(
         self, message: worker_pb2.SessionRequest, lease_id: str
-    ) -> None:
+    ) -> worker_pb2.Ack:
         """`_request`, trying again with backoff while the coordinator's store is down."""
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
-                await self._request(message, lease_id)
-                return
+                return await self._request(message, lease_id)
             except TransientWriteError as exc:
                 if attempt == WRITE_ATTEMPTS:
                     raise
                 log.warning("%s; trying again", exc)
                 await asyncio.sleep(min(5.0, 0.2 * 2 ** attempt))
+        raise AssertionError("unreachable")
 
     # --- executions -------------------------------------------------------------------
 
@@ -477,3 +480,8 @@ class _LeaseJournal:
     async def checkpoint(self, checkpoint: worker_pb2.Checkpoint) -> None:
         await self._worker._request_patiently(
             worker_pb2.SessionRequest(checkpoint=checkpoint), self._lease_id)
+
+    async def trigger_children(self, request: worker_pb2.TriggerChildren) -> list[str]:
+        ack = await self._worker._request_patiently(
+            worker_pb2.SessionRequest(children=request), self._lease_id)
+        return list(ack.run_ids)

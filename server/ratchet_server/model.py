@@ -81,6 +81,7 @@ class EventType(enum.StrEnum):
     WAIT_COMPLETED = "wait_completed"
     EXPIRED = "expired"
     TIMED_OUT = "timed_out"
+    CHILDREN_TRIGGERED = "children_triggered"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -131,6 +132,8 @@ class NewRun:
     tags: tuple[str, ...] = ()
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     parent_run_id: str | None = None
+    parent_step_key: str | None = None
+    child_index: int | None = None
     ttl: float | None = None
     max_duration: float | None = None
 
@@ -213,6 +216,7 @@ class RunFilter:
     statuses: tuple[RunStatus, ...] = ()
     task_id: str | None = None
     tag: str | None = None
+    parent_run_id: str | None = None
 
 
 # Fenced writes. Each names the lease it was made under; the store applies it

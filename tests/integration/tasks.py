@@ -190,3 +190,48 @@ async def approval(ctx: ratchet.Context, payload: Approval) -> dict[str, Any]:
 async def busy(ctx: ratchet.Context, payload: dict[str, Any]) -> int:
     """Short work, to show a sleeping run holds no slot."""
     return await ctx.step("work", mark, payload["dir"], "busy")
+
+
+@ratchet.task(id="square")
+async def square(ctx: ratchet.Context, payload: dict[str, Any]) -> int:
+    """A child: records itself, then returns n²; fails for negative n."""
+    n = payload["n"]
+    if payload.get("dir"):
+        mark(payload["dir"], f"child-{n}")
+    if n < 0:
+        raise ratchet.NonRetryableError(f"negative: {n}")
+    if payload.get("hold"):
+        import asyncio
+
+        await asyncio.sleep(payload["hold"])
+    return n * n
+
+
+@ratchet.task(id="fan-out", retry=ratchet.Retry(max_attempts=5, min_delay=0.05))
+async def fan_out(ctx: ratchet.Context, payload: dict[str, Any]) -> dict[str, Any]:
+    """Fans out to `count` children and sums their results."""
+    await ctx.step("before", mark, payload["dir"], "parent-before")
+    results = await ctx.batch_trigger_and_wait(
+        "square", [{"n": i, "dir": payload["dir"], "hold": payload.get("hold", 0)}
+                   for i in range(payload["count"])])
+    mark(payload["dir"], "parent-after")
+    return {"count": len(results), "sum": sum(results), "first": results[:3]}
+
+
+@ratchet.task(id="family")
+async def family(ctx: ratchet.Context, payload: dict[str, Any]) -> dict[str, Any]:
+    """One child awaited, one fired and forgotten, a failing one caught, all in gather()."""
+    import asyncio
+
+    fired = await ctx.trigger("square", {"n": 7})
+    awaited, stepped, _ = await asyncio.gather(
+        ctx.trigger_and_wait("square", {"n": 3}),
+        ctx.step("local", lambda: 42),
+        ctx.sleep("pause", 0.1),
+    )
+    try:
+        await ctx.trigger_and_wait("square", {"n": -1}, name="bad-child")
+        failed = None
+    except ratchet.ChildRunFailedError as exc:
+        failed = {"status": exc.status, "error": exc.error.message if exc.error else None}
+    return {"fired": fired, "awaited": awaited, "stepped": stepped, "failed": failed}

@@ -677,3 +677,37 @@ async def test_events_commit_with_the_writes_or_not_at_all(store: Store) -> None
     assert await store.get_steps(run.id) == []
     assert (await must_get(store, run.id)).state is None
     assert await event_types(store, run.id) == ["triggered", "leased"]
+
+
+# --- waits and children ----------------------------------------------------------------
+
+
+async def test_children_are_created_once_per_step(store: Store) -> None:
+    await create(store, new_run())
+    parent = await lease_one(store)
+    assert parent.lease_id is not None
+
+    async def trigger() -> list[str] | None:
+        kids = [dataclasses.replace(new_run("child"), parent_run_id=parent.id,
+                                    parent_step_key="fan", child_index=i) for i in range(3)]
+        return await store.create_children(parent=parent.id, lease_id=str(parent.lease_id),
+                                           step_key="fan", children=kids, wait=True)
+
+    first = await trigger()
+    assert first is not None and len(first) == 3
+    assert await trigger() == first  # a replay gets the same children
+    page = await store.list_runs(model.RunFilter(env=ENV, parent_run_id=parent.id), 100, None)
+    assert sorted(r.id for r in page) == sorted(first)
+    stale = await store.create_children(parent=parent.id, lease_id="stale", step_key="other",
+                                        children=[new_run("child")], wait=False)
+    assert stale is None
+    # The wait completes once every child is final.
+    assert await store.finish_child_waits(10) == []
+    for child_id in first:
+        assert await store.cancel_run(ENV, child_id) is not None
+    await store.finish_child_waits(10)
+    [step] = [s for s in await store.get_steps(parent.id) if s.key == "fan"]
+    assert step.status is model.StepStatus.COMPLETED and step.kind is model.StepKind.CHILD
+    results = json.loads(str(step.output))
+    assert [r["run_id"] for r in results] == first
+    assert {r["status"] for r in results} == {"CANCELED"}

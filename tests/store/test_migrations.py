@@ -21,7 +21,8 @@ EXPECTED_COLUMNS = {
         "priority", "retry", "run_at", "idempotency_key", "idempotency_expires_at",
         "concurrency_key", "tags", "metadata", "parent_run_id", "ttl", "max_duration", "state",
         "lease_id", "lease_owner", "lease_expires_at", "created_at", "started_at",
-        "finished_at", "updated_at", "waiting_on", "expire_at", "deadline_at",
+        "finished_at", "updated_at", "waiting_on", "expire_at", "deadline_at", "parent_step_key",
+        "child_index",
     },
     "steps": {
         "run_id", "key", "kind", "status", "attempts", "retry_base", "output", "error",

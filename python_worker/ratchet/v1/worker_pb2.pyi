@@ -3,6 +3,7 @@ import datetime
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from ratchet.v1 import common_pb2 as _common_pb2
+from ratchet.v1 import run_pb2 as _run_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -26,7 +27,7 @@ STEP_EVENT_RETRYING: StepEvent
 STEP_EVENT_FAILED: StepEvent
 
 class SessionRequest(_message.Message):
-    __slots__ = ("request_id", "hello", "heartbeat", "checkpoint", "complete", "slots", "release")
+    __slots__ = ("request_id", "hello", "heartbeat", "checkpoint", "complete", "slots", "release", "children")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +35,7 @@ class SessionRequest(_message.Message):
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    CHILDREN_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     hello: Hello
     heartbeat: Heartbeat
@@ -41,7 +43,8 @@ class SessionRequest(_message.Message):
     complete: Complete
     slots: SlotsUpdate
     release: ReleaseLease
-    def __init__(self, request_id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., complete: _Optional[_Union[Complete, _Mapping]] = ..., slots: _Optional[_Union[SlotsUpdate, _Mapping]] = ..., release: _Optional[_Union[ReleaseLease, _Mapping]] = ...) -> None: ...
+    children: TriggerChildren
+    def __init__(self, request_id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., complete: _Optional[_Union[Complete, _Mapping]] = ..., slots: _Optional[_Union[SlotsUpdate, _Mapping]] = ..., release: _Optional[_Union[ReleaseLease, _Mapping]] = ..., children: _Optional[_Union[TriggerChildren, _Mapping]] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
     __slots__ = ("request_id", "welcome", "lease", "ack", "cancel")
@@ -223,13 +226,29 @@ class ReleaseLease(_message.Message):
     run_id: str
     def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
+class TriggerChildren(_message.Message):
+    __slots__ = ("lease_id", "run_id", "step_key", "items", "wait")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_KEY_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    run_id: str
+    step_key: str
+    items: _containers.RepeatedCompositeFieldContainer[_run_pb2.BatchTriggerItem]
+    wait: bool
+    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step_key: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_run_pb2.BatchTriggerItem, _Mapping]]] = ..., wait: _Optional[bool] = ...) -> None: ...
+
 class Ack(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "run_ids")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RUN_IDS_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    run_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., run_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CancelRun(_message.Message):
     __slots__ = ("run_id", "lease_id", "reason")

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -79,7 +79,8 @@ class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
         except KeyError:
             raise errors.InvalidArgument("unknown run status in filter") from None
         flt = model.RunFilter(env=auth.principal().env, statuses=statuses,
-                              task_id=request.task_id or None, tag=request.tag or None)
+                              task_id=request.task_id or None, tag=request.tag or None,
+                              parent_run_id=request.parent_run_id or None)
         runs, token = await self._engine.list_runs(flt, request.page_size, request.page_token)
         return run_pb2.ListRunsResponse(runs=[convert.run_to_pb(r) for r in runs],
                                         next_page_token=token)
@@ -187,7 +188,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
                         session, list(request.heartbeat.active_lease_ids)))
                 elif kind == "slots":
                     tasks.start(self._set_slots(session, request))
-                elif kind in ("checkpoint", "complete", "release"):
+                elif kind in ("checkpoint", "complete", "release", "children"):
                     # Each in its own task: many in flight share one group commit.
                     tasks.start(self._answer(session, request, kind, out))
                 else:
@@ -206,8 +207,15 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
         out: asyncio.Queue[worker_pb2.SessionResponse | None],
     ) -> None:
         try:
+            run_ids: list[str] = []
             if kind == "checkpoint":
                 await self._checkpoint(session, request.checkpoint)
+            elif kind == "children":
+                c = request.children
+                specs = [convert.trigger_spec(i.task_id, i.payload, i.options) for i in c.items]
+                run_ids = await self._engine.trigger_children(
+                    session, run_id=c.run_id, lease_id=c.lease_id, step_key=c.step_key,
+                    specs=specs, wait=c.wait)
             elif kind == "complete":
                 await self._complete(session, request.complete)
             else:
@@ -220,7 +228,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
             out.put_nowait(_ack(request.request_id, grpc.StatusCode.INTERNAL,
                                 f"{type(exc).__name__}: {exc}"))
         else:
-            out.put_nowait(_ack(request.request_id, grpc.StatusCode.OK, ""))
+            out.put_nowait(_ack(request.request_id, grpc.StatusCode.OK, "", run_ids))
 
     async def _checkpoint(self, session: WorkerSession, cp: Any) -> None:
         event = convert.STEP_EVENT_FROM_PB.get(cp.event)
@@ -257,9 +265,11 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
             raise errors.InvalidArgument("complete needs an outcome")
 
 
-def _ack(request_id: int, code: grpc.StatusCode, message: str) -> worker_pb2.SessionResponse:
-    return worker_pb2.SessionResponse(
-        request_id=request_id, ack=worker_pb2.Ack(code=code.value[0], message=message))
+def _ack(
+    request_id: int, code: grpc.StatusCode, message: str, run_ids: Sequence[str] = ()
+) -> worker_pb2.SessionResponse:
+    return worker_pb2.SessionResponse(request_id=request_id, ack=worker_pb2.Ack(
+        code=code.value[0], message=message, run_ids=list(run_ids)))
 
 
 class _SessionTasks:

@@ -469,6 +469,30 @@ class Engine:
             self._wake.set()
         return completed, run_id, message
 
+    async def trigger_children(
+        self, session: Session, *, run_id: str, lease_id: str, step_key: str,
+        specs: Sequence[TriggerSpec], wait: bool,
+    ) -> list[str]:
+        """Start a step's child runs, once per (parent, step key); their ids."""
+        if not step_key:
+            raise errors.InvalidArgument("step_key must not be empty")
+        if not specs:
+            raise errors.InvalidArgument("no children to trigger")
+        if len(specs) > MAX_BATCH:
+            raise errors.ResourceExhausted(f"at most {MAX_BATCH} children per step")
+        now = time.time()
+        children = [dataclasses.replace(await self._new_run(session.env, spec, now),
+                                        parent_run_id=run_id, parent_step_key=step_key,
+                                        child_index=i)
+                    for i, spec in enumerate(specs)]
+        ids = await self.store.create_children(parent=run_id, lease_id=lease_id,
+                                               step_key=step_key, children=children, wait=wait)
+        if ids is None:
+            self._forget_lease(lease_id)
+            raise errors.StaleLease(f"lease {lease_id!r} of run {run_id!r} is no longer current")
+        self._wake.set()
+        return ids
+
     async def complete_failure(
         self, session: Session, *, run_id: str, lease_id: str, error: model.ErrorInfo,
         state: bytes | None,
@@ -669,12 +693,15 @@ class Engine:
 
     async def _timer_loop(self) -> None:
         """Every due time goes through here: sleeps, token timeouts, TTL, max
-        duration. Each is claimed with SKIP LOCKED, so with several
-        coordinators on one database each timer fires once."""
+        duration, and child-run waits whose children have all finished. Each is
+        claimed with SKIP LOCKED, so with several coordinators on one database
+        each fires once."""
         while True:
             await asyncio.sleep(self.config.timer_interval)
             try:
                 if await self.store.fire_timers(limit=500):
+                    self._wake.set()
+                if await self.store.finish_child_waits(limit=500):
                     self._wake.set()
                 await self.store.expire_runs(limit=500)
                 for ref in await self.store.time_out_runs(limit=500):

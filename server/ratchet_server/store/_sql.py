@@ -204,10 +204,12 @@ WHERE env = :env AND task_id = :task_id AND idempotency_key = :key
 INSERT_RUN = """
 INSERT INTO runs (id, env, task_id, status, attempt, payload, queue, priority, retry, run_at,
                   idempotency_key, idempotency_expires_at, concurrency_key, tags, metadata,
-                  parent_run_id, ttl, max_duration, expire_at, created_at, updated_at)
+                  parent_run_id, parent_step_key, child_index, ttl, max_duration, expire_at,
+                  created_at, updated_at)
 VALUES (:id, :env, :task_id, 'QUEUED', 0, :payload, :queue, :priority, :retry, :run_at,
         :idempotency_key, :idempotency_expires_at, :concurrency_key, :tags, :metadata,
-        :parent_run_id, :ttl, :max_duration, :expire_at, :now, :now)
+        :parent_run_id, :parent_step_key, :child_index, :ttl, :max_duration, :expire_at,
+        :now, :now)
 ON CONFLICT DO NOTHING
 RETURNING *
 """
@@ -400,6 +402,34 @@ UPDATE steps SET status = 'COMPLETED', output = :data, finished_at = :now
 WHERE token_id = :token_id AND status = 'RUNNING'
 """
 
+FENCE_PARENT = """
+UPDATE runs SET updated_at = :now
+WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
+"""
+
+SELECT_CHILDREN = """
+SELECT id, status, output, error FROM runs
+WHERE parent_run_id = :run_id AND parent_step_key = :key
+ORDER BY child_index
+"""
+
+# Child-wait steps whose children are all final (claimed by one coordinator).
+SELECT_READY_CHILD_WAITS = """
+SELECT s.run_id, s.key FROM steps AS s
+WHERE s.status = 'RUNNING' AND s.kind = 'child'
+  AND NOT EXISTS (
+    SELECT 1 FROM runs AS c
+    WHERE c.parent_run_id = s.run_id AND c.parent_step_key = s.key
+      AND c.status IN ('QUEUED', 'RUNNING', 'WAITING'))
+LIMIT :limit
+{skip_locked}
+"""
+
+COMPLETE_WAIT_STEP = """
+UPDATE steps SET status = 'COMPLETED', output = :output, finished_at = :now
+WHERE run_id = :run_id AND key = :key AND status = 'RUNNING'
+"""
+
 CANCEL_CHILDREN = """
 UPDATE runs SET status = 'CANCELED', finished_at = :now, lease_expires_at = NULL,
                 updated_at = :now
@@ -430,6 +460,7 @@ LIMIT :limit
 
 LIST_FILTER_STATUS = "AND status IN {statuses}"
 LIST_FILTER_TASK = "AND task_id = :task_id"
+LIST_FILTER_PARENT = "AND parent_run_id = :parent_run_id"
 LIST_FILTER_TAG_SQLITE = "AND EXISTS (SELECT 1 FROM json_each(runs.tags) WHERE value = :tag)"
 LIST_FILTER_TAG_POSTGRES = "AND CAST(runs.tags AS jsonb) ? :tag"
 LIST_FILTER_CURSOR = "AND (created_at < :c_at OR (created_at = :c_at AND id < :c_id))"
@@ -472,6 +503,8 @@ def _new_run_params(new: model.NewRun, now: float) -> dict[str, Any]:
         "tags": json.dumps(list(new.tags)),
         "metadata": json.dumps(dict(new.metadata)),
         "parent_run_id": new.parent_run_id,
+        "parent_step_key": new.parent_step_key,
+        "child_index": new.child_index,
         "ttl": new.ttl,
         "max_duration": new.max_duration,
         "expire_at": None if new.ttl is None else new.run_at + new.ttl,
@@ -787,6 +820,65 @@ def complete_token_txn(
     return True, run_id, ""
 
 
+def create_children_txn(
+    conn: Connection, d: Dialect, *, parent: str, lease_id: str, step_key: str,
+    children: Sequence[model.NewRun], wait: bool, now: float,
+) -> list[str] | None:
+    """Create a step's child runs once; None if the parent's lease is not current."""
+    if conn.execute(d.sql(FENCE_PARENT), {"run_id": parent, "lease_id": lease_id,
+                                          "now": now}).rowcount != 1:
+        return None
+    existing = conn.execute(d.sql(SELECT_CHILDREN), {"run_id": parent, "key": step_key})
+    ids = [r["id"] for r in existing.fetchall()]
+    if ids:
+        return ids  # a replay of the parent: the children exist already
+    conn.cursor().executemany(d.sql(INSERT_RUN_PLAIN), [_new_run_params(c, now)
+                                                       for c in children])
+    ids = [c.id for c in children]
+    conn.execute(d.sql(UPSERT_STEP), {
+        "run_id": parent, "key": step_key, "kind": model.StepKind.CHILD.value,
+        "status": (model.StepStatus.RUNNING if wait else model.StepStatus.COMPLETED).value,
+        "attempts": 1, "retry_base": 0, "output": None if wait else json.dumps(ids),
+        "error": None, "now": now, "started_at": now, "finished_at": None if wait else now,
+        "wake_at": None, "token_id": None})
+    insert_events_txn(conn, d, [
+        *(model.Event(run_id=c.id, type=model.EventType.TRIGGERED, at=now,
+                      data=json.dumps({"parent_run_id": parent, "step_key": step_key}))
+          for c in children),
+        model.Event(run_id=parent, type=model.EventType.CHILDREN_TRIGGERED, at=now,
+                    lease_id=lease_id, step_key=step_key,
+                    data=json.dumps({"children": len(ids), "wait": wait})),
+    ])
+    return ids
+
+
+def finish_child_waits_txn(conn: Connection, d: Dialect, now: float, limit: int) -> list[str]:
+    """Complete child-wait steps whose children are all final; wake the parents."""
+    waits = conn.execute(d.sql(SELECT_READY_CHILD_WAITS, skip_locked=d.skip_locked),
+                         {"limit": limit}).fetchall()
+    woken: list[str] = []
+    events: list[model.Event] = []
+    for w in waits:
+        run_id, key = w["run_id"], w["key"]
+        children = conn.execute(d.sql(SELECT_CHILDREN), {"run_id": run_id, "key": key})
+        results = [{
+            "run_id": c["id"], "status": c["status"],
+            "output": None if c["output"] is None else json.loads(c["output"]),
+            "error": None if c["error"] is None else json.loads(c["error"]),
+        } for c in children.fetchall()]
+        done = conn.execute(d.sql(COMPLETE_WAIT_STEP), {
+            "run_id": run_id, "key": key, "output": json.dumps(results), "now": now})
+        if done.rowcount != 1:
+            continue
+        events.append(model.Event(run_id=run_id, type=model.EventType.WAIT_COMPLETED, at=now,
+                                  step_key=key))
+        if conn.execute(d.sql(WAKE_RUN), {"run_id": run_id, "now": now}).rowcount == 1:
+            events.append(model.Event(run_id=run_id, type=model.EventType.RESUMED, at=now))
+            woken.append(run_id)
+    insert_events_txn(conn, d, events)
+    return woken
+
+
 def list_runs_txn(
     conn: Connection,
     d: Dialect,
@@ -802,6 +894,9 @@ def list_runs_txn(
     if flt.task_id:
         filters.append(LIST_FILTER_TASK)
         params["task_id"] = flt.task_id
+    if flt.parent_run_id:
+        filters.append(LIST_FILTER_PARENT)
+        params["parent_run_id"] = flt.parent_run_id
     if flt.tag:
         filters.append(LIST_FILTER_TAG_POSTGRES if d.name == "postgres"
                        else LIST_FILTER_TAG_SQLITE)

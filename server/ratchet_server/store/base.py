@@ -83,6 +83,11 @@ class Store(Protocol):
         self, env: str, token_id: str, data: str
     ) -> tuple[bool, str | None, str]: ...
     async def cancel_children(self, parent_run_id: str) -> list[model.Run]: ...
+    async def create_children(
+        self, *, parent: str, lease_id: str, step_key: str,
+        children: Sequence[model.NewRun], wait: bool,
+    ) -> list[str] | None: ...
+    async def finish_child_waits(self, limit: int) -> list[str]: ...
 
     async def listen(self, callback: Callable[[str], None]) -> None:
         """Call `callback(env)` when another coordinator made runs ready."""
@@ -397,6 +402,29 @@ class SqlStore(abc.ABC):
             if result[0]:
                 self._notify_txn(conn, {env})
             return result
+
+        return await self._run(txn)
+
+    async def create_children(
+        self, *, parent: str, lease_id: str, step_key: str,
+        children: Sequence[model.NewRun], wait: bool,
+    ) -> list[str] | None:
+        def txn(conn: Any) -> list[str] | None:
+            ids = _sql.create_children_txn(conn, self.dialect, parent=parent,
+                                           lease_id=lease_id, step_key=step_key,
+                                           children=children, wait=wait, now=time.time())
+            if ids:
+                self._notify_txn(conn, {"*"})
+            return ids
+
+        return await self._run(txn)
+
+    async def finish_child_waits(self, limit: int) -> list[str]:
+        def txn(conn: Any) -> list[str]:
+            woken = _sql.finish_child_waits_txn(conn, self.dialect, time.time(), limit)
+            if woken:
+                self._notify_txn(conn, {"*"})
+            return woken
 
         return await self._run(txn)
 

@@ -14,4 +14,10 @@ ALTER TABLE runs ADD COLUMN deadline_at DOUBLE PRECISION;
 CREATE INDEX runs_expiry ON runs (expire_at) WHERE status = 'QUEUED' AND expire_at IS NOT NULL;
 CREATE INDEX runs_deadline ON runs (deadline_at)
     WHERE status IN ('RUNNING', 'WAITING') AND deadline_at IS NOT NULL;
-CREATE INDEX runs_parent ON runs (parent_run_id) WHERE parent_run_id IS NOT NULL
+-- Child runs: which step of the parent created them, and in what order.
+ALTER TABLE runs ADD COLUMN parent_step_key TEXT;
+ALTER TABLE runs ADD COLUMN child_index INTEGER;
+CREATE INDEX runs_parent ON runs (parent_run_id, parent_step_key, child_index)
+    WHERE parent_run_id IS NOT NULL;
+-- Steps waiting on child runs.
+CREATE INDEX steps_child_waits ON steps (run_id) WHERE status = 'RUNNING' AND kind = 'child'
