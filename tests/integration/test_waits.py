@@ -179,3 +179,17 @@ async def test_two_coordinators_fire_each_timer_once(cluster: Cluster, tmp_path:
             await store.close()
     finally:
         await second.close()
+
+
+async def test_higher_priority_runs_start_first(cluster: Cluster, tmp_path: Path) -> None:
+    first = cluster.start_worker(slots=1)
+    await cluster.wait_worker_connected(first)
+    first.terminate()  # the task is registered; nothing serves it now
+    client = cluster.client()
+    low = [await client.trigger("busy", {"dir": str(tmp_path)}, priority=0) for _ in range(3)]
+    high = await client.trigger("busy", {"dir": str(tmp_path)}, priority=10)
+    worker = cluster.start_worker(slots=1)
+    await cluster.wait_worker_connected(worker)
+    done = [await client.wait(r.id, timeout=30) for r in (*low, high)]
+    started = sorted(done, key=lambda r: r.started_at or r.created_at)
+    assert started[0].id == high.id
