@@ -235,3 +235,16 @@ async def family(ctx: ratchet.Context, payload: dict[str, Any]) -> dict[str, Any
     except ratchet.ChildRunFailedError as exc:
         failed = {"status": exc.status, "error": exc.error.message if exc.error else None}
     return {"fired": fired, "awaited": awaited, "stepped": stepped, "failed": failed}
+
+
+@ratchet.task(id="cancellable")
+async def cancellable(ctx: ratchet.Context, payload: dict[str, Any]) -> None:
+    """Sync step code that polls ctx.cancelled and stops when told."""
+    def work() -> None:
+        mark(payload["dir"], "working")
+        deadline = time.monotonic() + 30
+        while not ctx.cancelled and time.monotonic() < deadline:
+            time.sleep(0.02)
+        mark(payload["dir"], "noticed" if ctx.cancelled else "gave-up")
+
+    await ctx.step("work", work)

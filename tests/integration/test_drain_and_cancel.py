@@ -68,3 +68,15 @@ async def test_cancel_queued_and_running_runs(cluster: Cluster, tmp_path: Path) 
     # The worker is free again: its slot was given back.
     nxt = await client.trigger("typed-order", {"order_id": "N", "quantity": 2})
     assert await client.result(nxt.id, timeout=30) == {"order": "N", "quantity": 2}
+
+
+async def test_sync_step_code_sees_ctx_cancelled(cluster: Cluster, tmp_path: Path) -> None:
+    w = cluster.start_worker(slots=1)
+    await cluster.wait_worker_connected(w)
+    client = cluster.client()
+    run = await client.trigger("cancellable", {"dir": str(tmp_path)})
+    await eventually(lambda: count_lines(tmp_path / "working") == 1, what="the step to start")
+    await client.cancel(run.id)
+    await eventually(lambda: count_lines(tmp_path / "noticed") == 1, timeout=10,
+                     what="the step to notice ctx.cancelled")
+    assert (await client.get(run.id)).status == "CANCELED"

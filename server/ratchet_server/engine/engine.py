@@ -8,7 +8,8 @@ Background loops, all started by `start()` and stopped by `stop()`:
 - the dispatcher pushes ready runs to sessions with free slots, woken by
   triggers, freed slots, requeues and NOTIFY from other replicas, and by the
   next due `run_at` (retry backoff, delay);
-- the reaper requeues (or fails) runs whose lease expired;
+- the timer loop requeues (or fails) runs whose lease expired, and fires
+  sleeps, token timeouts, TTL, max duration and finished child waits;
 - the writer applies fenced writes from many runs in one transaction.
 """
 
@@ -49,8 +50,8 @@ class EngineConfig:
     lease_ttl: float = 30.0
     heartbeat_interval: float = 5.0
     session_grace: float = 1.0
+    # The timer loop ticks every min(timer_interval, reap_interval, lease_ttl / 4).
     reap_interval: float = 1.0
-    # How often timers (sleeps, token timeouts, TTL, max duration) are checked.
     timer_interval: float = 0.25
     max_write_batch: int = 512
     write_concurrency: int = 2
@@ -136,7 +137,7 @@ class Engine:
 
     async def start(self) -> None:
         await self.store.listen(lambda env: self._wake.set())
-        for name, coro in (("dispatcher", self._dispatch_loop()), ("reaper", self._reap_loop()),
+        for name, coro in (("dispatcher", self._dispatch_loop()),
                            ("writer", self._write_loop()), ("timers", self._timer_loop())):
             self._loops.append(asyncio.create_task(coro, name=f"ratchet-{name}"))
 
@@ -639,7 +640,7 @@ class Engine:
             if not p.future.done():
                 p.future.set_result(ok)
 
-    # --- dispatcher and reaper ----------------------------------------------------
+    # --- dispatcher and timers -----------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
         while True:
@@ -692,13 +693,22 @@ class Engine:
         return more, next_due
 
     async def _timer_loop(self) -> None:
-        """Every due time goes through here: sleeps, token timeouts, TTL, max
-        duration, and child-run waits whose children have all finished. Each is
-        claimed with SKIP LOCKED, so with several coordinators on one database
-        each fires once."""
+        """Every due time that needs an action goes through here: lease
+        expiry, sleeps, token timeouts, TTL, max duration, and child-run waits
+        whose children have all finished. (Delays and retry backoff need no
+        action: a run is ready once its run_at has passed, and the dispatcher
+        wakes for the next one.) Each is claimed in the database, with SKIP
+        LOCKED on Postgres, so with several coordinators each fires once, and
+        none is lost when a coordinator restarts."""
+        interval = min(self.config.timer_interval, self.config.reap_interval,
+                       self.config.lease_ttl / 4)
         while True:
-            await asyncio.sleep(self.config.timer_interval)
+            await asyncio.sleep(interval)
             try:
+                refs = await self.store.expired_leases(limit=200)
+                if refs:
+                    await self._lose_leases(refs, "the lease expired without a heartbeat",
+                                            expired_before=time.time())
                 if await self.store.fire_timers(limit=500):
                     self._wake.set()
                 if await self.store.finish_child_waits(limit=500):
@@ -711,19 +721,6 @@ class Engine:
                 raise
             except Exception:
                 log.exception("timers failed; retrying")
-
-    async def _reap_loop(self) -> None:
-        while True:
-            await asyncio.sleep(min(self.config.reap_interval, self.config.lease_ttl / 4))
-            try:
-                refs = await self.store.expired_leases(limit=200)
-                if refs:
-                    await self._lose_leases(refs, "the lease expired without a heartbeat",
-                                            expired_before=time.time())
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("reaping expired leases failed; retrying")
 
 
 def check_slots(slots: int) -> None:
