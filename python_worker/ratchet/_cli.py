@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay", type=duration, default=None, help="not before now + DELAY")
     p.add_argument("--ttl", type=duration, default=None, help="EXPIRED if not started in time")
     p.add_argument("--max-duration", type=duration, default=None, help="TIMED_OUT after this")
-    p.add_argument("--priority", type=int, default=0, help="higher first within a queue")
+    p.add_argument("--priority", type=int, default=0, help="higher runs of a task start first")
     p.add_argument("--tag", action="append", default=[])
     p.add_argument("--wait", action="store_true", help="wait until the run is final")
     p.add_argument("--timeout", type=duration, default=None, help="with --wait")
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="append", default=[])
     p.add_argument("--task", default=None)
     p.add_argument("--tag", default=None)
+    p.add_argument("--parent", default=None, help="only the child runs of this run")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     _client_args(p)
@@ -286,7 +287,7 @@ async def _runs(args: argparse.Namespace) -> int:
     async with Client(args.coordinator, api_key=args.api_key) as client:
         if args.runs_command == "list":
             runs, _ = await client.list(status=args.status or None, task=args.task,
-                                        tag=args.tag, limit=args.limit)
+                                        tag=args.tag, parent=args.parent, limit=args.limit)
             if args.json:
                 print(json.dumps([r.to_dict() for r in runs], indent=2))
             else:

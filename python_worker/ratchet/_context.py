@@ -85,6 +85,9 @@ class Context:
         self._active = 0
         self._blocked: set[str] = set()
         self.suspended = asyncio.Event()
+        # One write in flight per lease (protocol checklist item 12): branches
+        # of a gather() take turns, so state is saved in the order it changed.
+        self._write_lock = asyncio.Lock()
 
     @property
     def idempotency_key(self) -> str:
@@ -321,7 +324,8 @@ class Context:
                 items=[run_pb2.BatchTriggerItem(task_id=task_id, payload=to_json(p),
                                                 options=opts) for p in payloads])
             with self._executing():
-                run_ids = await self._journal.trigger_children(request)
+                async with self._write_lock:
+                    run_ids = await self._journal.trigger_children(request)
             if not wait:
                 self._steps[key] = common_pb2.Step(
                     key=key, kind=common_pb2.STEP_KIND_CHILD,
@@ -416,10 +420,11 @@ class Context:
             finished_at=timestamp(finished), retry_base=base,
             retry_at=None if retry_at is None else timestamp(retry_at),
             wake_at=None if wake_at is None else timestamp(wake_at), token_id=token_id)
-        state = self._state_update()
-        if state is not None:
-            checkpoint.state = state
-        await self._journal.checkpoint(checkpoint)
+        async with self._write_lock:
+            state = self._state_update()
+            if state is not None:
+                checkpoint.state = state
+            await self._journal.checkpoint(checkpoint)
 
 
 def _child_outputs(results: list[dict[str, Any]]) -> list[Any]:

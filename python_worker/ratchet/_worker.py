@@ -42,6 +42,7 @@ CHANNEL_OPTIONS = [
 
 
 REFUSED_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                           grpc.StatusCode.NOT_FOUND.value[0],
                            grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]})
 WRITE_ATTEMPTS = 6
 RELEASE_TIMEOUT = 5.0
@@ -441,9 +442,9 @@ class Worker:
         try:
             await self._request_patiently(worker_pb2.SessionRequest(complete=outcome), lease_id)
         except WriteRefusedError as exc:
-            if outcome.WhichOneof("outcome") != "succeeded":
+            if outcome.WhichOneof("outcome") == "failed":
                 raise
-            log.warning("run %s: output refused (%s); failing the run", outcome.run_id, exc)
+            log.warning("run %s: outcome refused (%s); failing the run", outcome.run_id, exc)
             error = error_to_pb(error_from_exception(exc))
             failed = worker_pb2.Complete(lease_id=outcome.lease_id, run_id=outcome.run_id,
                                          failed=worker_pb2.Failed(error=error))

@@ -39,6 +39,7 @@ async def test_a_sleeping_run_holds_no_slot(cluster: Cluster, tmp_path: Path) ->
     final = await client.wait(sleeper.id, timeout=60)
     assert final.status == "COMPLETED", final
     assert final.output["slept"] >= 30
+    assert final.attempt == 1  # waiting is not failing: the resume kept the attempt
     assert count_lines(tmp_path / "before") == 1  # the step before the sleep ran once
     assert count_lines(tmp_path / "after") == 1
     nap = next(s for s in (await client.get(sleeper.id)).steps if s.key == "nap")
@@ -86,6 +87,7 @@ async def test_token_completed_by_cli_resumes_the_run(cluster: Cluster, tmp_path
     assert done.returncode == 0 and "completed" in done.stdout, done.stderr
     final = await client.wait(run.id, timeout=30)
     assert final.output == {"approved": True, "decision": {"by": "ana"}}
+    assert final.attempt == 1
     again = await run_cli_async("tokens", "complete", token, "--data", '{"by": "bo"}', env=env)
     assert again.returncode == 0 and "nothing changed" in again.stdout
     assert (await client.get(run.id)).output == final.output  # the second changed nothing

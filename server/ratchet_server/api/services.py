@@ -103,7 +103,8 @@ class SystemService(system_pb2_grpc.SystemServiceServicer):  # type: ignore[misc
         return system_pb2.GetVersionResponse(
             server_version=__version__, protocol_version=PROTOCOL_VERSION,
             min_protocol_version=MIN_PROTOCOL_VERSION,
-            features=["session-stream", "batch-trigger", "lease-adoption"])
+            features=["session-stream", "batch-trigger", "lease-adoption", "durable-waits",
+                      "wait-tokens", "child-runs"])
 
 
 class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc]

@@ -419,7 +419,8 @@ class Engine:
             started_at=started_at,
             finished_at=finished_at if status is not model.StepStatus.RUNNING else None,
             state=self._state(state),
-            wake_at=wake_at if status is model.StepStatus.RUNNING else None,
+            wake_at=(wake_at if status is model.StepStatus.RUNNING
+                     and kind in (model.StepKind.SLEEP, model.StepKind.TOKEN) else None),
             token_id=token_id or None,
             events=() if event_type is None else (model.Event(
                 run_id=run_id, type=event_type, at=time.time(),
@@ -455,6 +456,8 @@ class Engine:
         write = model.RunTransition(
             run_id=run_id, lease_id=lease_id, status=model.RunStatus.WAITING,
             state=self._state(state), waiting_on=tuple(step_keys),
+            # Waiting is not failing: the resume continues the same attempt.
+            refund_attempt=True,
             events=(model.Event(run_id=run_id, type=model.EventType.SUSPENDED, at=time.time(),
                                 lease_id=lease_id,
                                 data=json.dumps({"waiting_on": list(step_keys)})),))
@@ -482,9 +485,12 @@ class Engine:
         if len(specs) > MAX_BATCH:
             raise errors.ResourceExhausted(f"at most {MAX_BATCH} children per step")
         now = time.time()
+        # Children are created once per (parent, step key) already; an
+        # idempotency key of their own would only collide.
         children = [dataclasses.replace(await self._new_run(session.env, spec, now),
                                         parent_run_id=run_id, parent_step_key=step_key,
-                                        child_index=i)
+                                        child_index=i, idempotency_key=None,
+                                        idempotency_expires_at=None)
                     for i, spec in enumerate(specs)]
         ids = await self.store.create_children(parent=run_id, lease_id=lease_id,
                                                step_key=step_key, children=children, wait=wait)

@@ -373,7 +373,8 @@ RETURNING run_id, key, kind
 EXPIRE_RUNS = """
 UPDATE runs SET status = 'EXPIRED', finished_at = :now, updated_at = :now
 WHERE id IN (
-    SELECT id FROM runs WHERE status = 'QUEUED' AND expire_at <= :now
+    SELECT id FROM runs
+    WHERE status = 'QUEUED' AND expire_at <= :now AND started_at IS NULL
     LIMIT :limit
     {skip_locked}
 )
@@ -393,7 +394,8 @@ RETURNING id, lease_id, lease_owner, attempt
 """
 
 SELECT_TOKEN = """
-SELECT steps.run_id, steps.key, steps.status FROM steps JOIN runs ON runs.id = steps.run_id
+SELECT steps.run_id, steps.key, steps.status, runs.status AS run_status
+FROM steps JOIN runs ON runs.id = steps.run_id
 WHERE steps.token_id = :token_id AND runs.env = :env
 """
 
@@ -808,6 +810,8 @@ def complete_token_txn(
     if row is None:
         return False, None, "unknown token"
     run_id, key = row["run_id"], row["key"]
+    if row["run_status"] in ("COMPLETED", "FAILED", "CANCELED", "EXPIRED", "TIMED_OUT"):
+        return False, run_id, f"the run is already {row['run_status']}; nothing changed"
     done = conn.execute(d.sql(COMPLETE_TOKEN), {"token_id": token_id, "data": data, "now": now})
     if done.rowcount != 1:
         why = "timed out" if row["status"] == "FAILED" else "already completed"

@@ -342,7 +342,7 @@ class SqlStore(abc.ABC):
             result = _sql.apply_writes_txn(conn, self.dialect, writes, time.time())
             requeued = {w.run_id for w, ok in zip(writes, result, strict=True)
                         if ok and isinstance(w, model.RunTransition)
-                        and w.status is model.RunStatus.QUEUED}
+                        and w.status in (model.RunStatus.QUEUED, model.RunStatus.WAITING)}
             if requeued:
                 self._notify_txn(conn, {"*"})
             return result
