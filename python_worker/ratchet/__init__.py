@@ -33,7 +33,7 @@ from ratchet._errors import (
 )
 from ratchet._retry import Retry
 from ratchet._task import PayloadValidationError, Task, task
-from ratchet._types import Run, RunError, RunStatus, StepInfo
+from ratchet._types import Run, RunError, RunEvent, RunStatus, StepInfo
 from ratchet._worker import Worker, WorkerError
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "Retry",
     "Run",
     "RunError",
+    "RunEvent",
     "RunFailedError",
     "RunStatus",
     "StepFailedError",

@@ -25,7 +25,7 @@ from typing import Any
 from ratchet._client import Client
 from ratchet._errors import RatchetError, RunFailedError
 from ratchet._task import Task
-from ratchet._types import Run, RunStatus
+from ratchet._types import Run, RunEvent, RunStatus
 from ratchet._worker import Worker
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -143,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = runs.add_parser("cancel")
     p.add_argument("run_id")
     p.add_argument("--reason", default="")
+    _client_args(p)
+    p = runs.add_parser("history", help="a run's history as a timeline")
+    p.add_argument("run_id")
+    p.add_argument("--json", action="store_true")
+    _client_args(p)
+    p = runs.add_parser("replay", help="a new attempt from the last checkpoint (one run, "
+                                       "or every run matching the filters)")
+    p.add_argument("run_id", nargs="?")
+    p.add_argument("--from-scratch", action="store_true", help="a new run, same payload")
+    p.add_argument("--status", action="append", default=[])
+    p.add_argument("--task", default=None)
+    p.add_argument("--tag", default=None)
+    _client_args(p)
+    p = runs.add_parser("retry", help="a new run with a corrected payload")
+    p.add_argument("run_id")
+    p.add_argument("--payload", required=True)
     _client_args(p)
     return parser
 
@@ -298,10 +314,71 @@ async def _runs(args: argparse.Namespace) -> int:
         elif args.runs_command == "show":
             run = await client.get(args.run_id)
             print(json.dumps(run.to_dict(), indent=2) if args.json else render_run(run))
-        else:
+        elif args.runs_command == "cancel":
             run = await client.cancel(args.run_id, args.reason)
             print(f"{run.id} {run.status.value}")
+        elif args.runs_command == "history":
+            events = await client.history(args.run_id)
+            if args.json:
+                print(json.dumps([e.to_dict() for e in events], indent=2))
+            else:
+                print(render_history(events))
+        elif args.runs_command == "retry":
+            run = await client.retry(args.run_id, _payload(args.payload))
+            print(run.id)
+        else:
+            await _replay(client, args)
     return 0
+
+
+async def _replay(client: Client, args: argparse.Namespace) -> None:
+    if args.run_id:
+        run = await client.replay(args.run_id, from_scratch=args.from_scratch)
+        print(f"{run.id} {run.status.value}")
+        return
+    if not (args.status or args.task or args.tag):
+        raise CLIError("name a run, or select runs with --status, --task or --tag")
+    selected: list[str] = []
+    token = ""
+    while True:
+        page, token = await client.list(status=args.status or None, task=args.task,
+                                        tag=args.tag, limit=1000, page_token=token)
+        selected += [r.id for r in page]
+        if not token:
+            break
+    failures = 0
+    for n, run_id in enumerate(selected, 1):
+        try:
+            await client.replay(run_id, from_scratch=args.from_scratch)
+        except RatchetError as exc:
+            failures += 1
+            print(f"\n{run_id}: {exc}", file=sys.stderr)
+        _progress(n, len(selected))
+    print(f"\nreplayed {len(selected) - failures} of {len(selected)} run(s)")
+    if failures:
+        raise CLIError(f"{failures} run(s) could not be replayed")
+
+
+def _progress(done: int, total: int, width: int = 30) -> None:
+    filled = width * done // max(total, 1)
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="",
+          file=sys.stderr, flush=True)
+
+
+def render_history(events: Sequence[RunEvent]) -> str:
+    """A run's history as a timeline: offset, event, attempt, lease, step, details."""
+    if not events:
+        return "(no history)"
+    start = events[0].at
+    lines = []
+    for e in events:
+        offset = "" if e.at is None or start is None else \
+            f"+{(e.at - start).total_seconds() * 1000:9.0f}ms"
+        detail = ", ".join(f"{k}={v}" for k, v in e.data.items()) if e.data else ""
+        lease = e.lease_id[-12:] if e.lease_id else "-"
+        lines.append(f"{offset:>13}  {e.type:<18} attempt {e.attempt:<3} lease {lease:<12} "
+                     f"{e.step_key or '':<14} {detail}".rstrip())
+    return "\n".join(lines)
 
 
 def _ms(seconds: float | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -10,11 +11,11 @@ from typing import Any
 
 import grpc
 
-from ratchet._codec import run_from_pb, to_json, trigger_options
+from ratchet._codec import event_from_pb, run_from_pb, to_json, trigger_options
 from ratchet._errors import ClientError, RunFailedError, from_rpc_error
 from ratchet._retry import Retry
 from ratchet._task import Task
-from ratchet._types import Run, RunStatus
+from ratchet._types import Run, RunEvent, RunStatus
 from ratchet._worker import CHANNEL_OPTIONS, DEFAULT_COORDINATOR
 from ratchet.v1 import common_pb2, run_pb2, run_pb2_grpc, system_pb2, system_pb2_grpc
 
@@ -124,6 +125,32 @@ class Client:
         """Cancel a run that is not final; its worker is told to stop."""
         response = await self._call(self._runs.CancelRun,
                                     run_pb2.CancelRunRequest(run_id=run_id, reason=reason))
+        return run_from_pb(response.run)
+
+    async def history(self, run_id: str) -> builtins.list[RunEvent]:
+        """Every entry of the run's history, oldest first."""
+        events: builtins.list[RunEvent] = []
+        token = ""
+        while True:
+            response = await self._call(self._runs.GetRunHistory, run_pb2.GetRunHistoryRequest(
+                run_id=run_id, page_size=1000, page_token=token))
+            events += [event_from_pb(e) for e in response.events]
+            token = response.next_page_token
+            if not token:
+                return events
+
+    async def replay(self, run_id: str, *, from_scratch: bool = False) -> Run:
+        """Give a run that ended without completing a new attempt from its last
+        checkpoint (completed steps are kept), or with `from_scratch` start a new
+        linked run with the same payload."""
+        response = await self._call(self._runs.ReplayRun, run_pb2.ReplayRunRequest(
+            run_id=run_id, from_scratch=from_scratch))
+        return run_from_pb(response.run)
+
+    async def retry(self, run_id: str, payload: Any) -> Run:
+        """A new run of the same task with a corrected payload, linked to `run_id`."""
+        response = await self._call(self._runs.RetryRun, run_pb2.RetryRunRequest(
+            run_id=run_id, payload=to_json(payload)))
         return run_from_pb(response.run)
 
     async def complete_token(self, token_id: str, data: Any = None) -> bool:

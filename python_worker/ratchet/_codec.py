@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from ratchet._errors import NonRetryableError, StepFailedError
 from ratchet._retry import Retry
-from ratchet._types import Run, RunError, RunStatus, StepInfo
+from ratchet._types import Run, RunError, RunEvent, RunStatus, StepInfo
 from ratchet.v1 import common_pb2, run_pb2
 
 STEP_KINDS = {common_pb2.STEP_KIND_RUN: "run", common_pb2.STEP_KIND_SLEEP: "sleep",
@@ -122,7 +122,13 @@ def run_from_pb(pb: run_pb2.Run, steps: Any = (), created: bool = True) -> Run:
         started_at=_dt(pb.started_at, pb.HasField("started_at")),
         finished_at=_dt(pb.finished_at, pb.HasField("finished_at")),
         steps=tuple(step_from_pb(s) for s in steps), created=created,
-        parent_run_id=pb.parent_run_id)
+        parent_run_id=pb.parent_run_id, replay_of=pb.replay_of)
+
+
+def event_from_pb(pb: run_pb2.RunEvent) -> RunEvent:
+    return RunEvent(id=pb.id, at=_dt(pb.at, pb.HasField("at")), type=pb.type,
+                    attempt=pb.attempt, lease_id=pb.lease_id, step_key=pb.step_key,
+                    data=from_json(pb.data) or {})
 
 
 def trigger_options(

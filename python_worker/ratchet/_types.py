@@ -77,6 +77,7 @@ class Run:
     steps: tuple[StepInfo, ...] = ()
     created: bool = True
     parent_run_id: str = ""
+    replay_of: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (times as ISO 8601), as `ratchet runs show --json` prints."""
@@ -98,6 +99,7 @@ class Run:
             "idempotency_key": self.idempotency_key or None,
             "tags": list(self.tags),
             "parent_run_id": self.parent_run_id or None,
+            "replay_of": self.replay_of or None,
             "metadata": self.metadata,
             "created_at": iso(self.created_at),
             "started_at": iso(self.started_at),
@@ -117,3 +119,21 @@ class Run:
                 for s in self.steps
             ],
         }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunEvent:
+    """One entry of a run's append-only history."""
+
+    id: int
+    at: dt.datetime | None
+    type: str
+    attempt: int
+    lease_id: str
+    step_key: str
+    data: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "at": None if self.at is None else self.at.isoformat(),
+                "type": self.type, "attempt": self.attempt, "lease_id": self.lease_id or None,
+                "step_key": self.step_key or None, "data": self.data}

@@ -82,6 +82,7 @@ class EventType(enum.StrEnum):
     EXPIRED = "expired"
     TIMED_OUT = "timed_out"
     CHILDREN_TRIGGERED = "children_triggered"
+    REPLAYED = "replayed"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -134,6 +135,7 @@ class NewRun:
     parent_run_id: str | None = None
     parent_step_key: str | None = None
     child_index: int | None = None
+    replay_of: str | None = None
     ttl: float | None = None
     max_duration: float | None = None
 
@@ -164,6 +166,7 @@ class Run:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    replay_of: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -248,3 +248,38 @@ async def cancellable(ctx: ratchet.Context, payload: dict[str, Any]) -> None:
         mark(payload["dir"], "noticed" if ctx.cancelled else "gave-up")
 
     await ctx.step("work", work)
+
+
+@ratchet.task(id="buggy", retry=ratchet.Retry(max_attempts=2, min_delay=0.05))
+async def buggy(ctx: ratchet.Context, payload: dict[str, Any]) -> str:
+    """Step three has a bug until the worker runs with RATCHET_TEST_FIXED=1."""
+    await ctx.step("one", mark, payload["dir"], "one")
+    await ctx.step("two", mark, payload["dir"], "two")
+
+    def three() -> str:
+        mark(payload["dir"], "three")
+        if os.environ.get("RATCHET_TEST_FIXED") != "1":
+            raise KeyError("the bug")
+        return "fixed"
+
+    return await ctx.step("three", three)
+
+
+@ratchet.task(id="fails-twice", retry=ratchet.Retry(max_attempts=3, min_delay=0.05))
+async def fails_twice(ctx: ratchet.Context, payload: dict[str, Any]) -> int:
+    await ctx.step("prepare", mark, payload["dir"], "prepare")
+    n = mark(payload["dir"], "attempts")
+    if n <= 2:
+        raise RuntimeError(f"transient failure {n}")
+    return n
+
+
+class Greeting(pydantic.BaseModel):
+    name: str
+
+
+@ratchet.task(id="greet")
+async def greet(ctx: ratchet.Context, payload: Greeting) -> str:
+    if not payload.name.strip():
+        raise ratchet.NonRetryableError("empty name")
+    return await ctx.step("hello", lambda: f"hello {payload.name}")

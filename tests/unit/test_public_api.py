@@ -23,6 +23,7 @@ PUBLIC = [
     "Retry",
     "Run",
     "RunError",
+    "RunEvent",
     "RunFailedError",
     "RunStatus",
     "StepFailedError",

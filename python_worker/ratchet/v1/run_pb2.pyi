@@ -85,7 +85,7 @@ class BatchTriggerResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[TriggerResponse, _Mapping]]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "task_id", "status", "attempt", "payload", "output", "error", "idempotency_key", "tags", "metadata", "priority", "queue", "concurrency_key", "parent_run_id", "created_at", "started_at", "finished_at", "run_at", "state", "retry")
+    __slots__ = ("id", "task_id", "status", "attempt", "payload", "output", "error", "idempotency_key", "tags", "metadata", "priority", "queue", "concurrency_key", "parent_run_id", "created_at", "started_at", "finished_at", "run_at", "state", "retry", "replay_of")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class Run(_message.Message):
     RUN_AT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_OF_FIELD_NUMBER: _ClassVar[int]
     id: str
     task_id: str
     status: _common_pb2.RunStatus
@@ -133,7 +134,8 @@ class Run(_message.Message):
     run_at: _timestamp_pb2.Timestamp
     state: bytes
     retry: _common_pb2.RetryPolicy
-    def __init__(self, id: _Optional[str] = ..., task_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.RunStatus, str]] = ..., attempt: _Optional[int] = ..., payload: _Optional[bytes] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., queue: _Optional[str] = ..., concurrency_key: _Optional[str] = ..., parent_run_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[bytes] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ...) -> None: ...
+    replay_of: str
+    def __init__(self, id: _Optional[str] = ..., task_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.RunStatus, str]] = ..., attempt: _Optional[int] = ..., payload: _Optional[bytes] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., queue: _Optional[str] = ..., concurrency_key: _Optional[str] = ..., parent_run_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[bytes] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., replay_of: _Optional[str] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -204,3 +206,67 @@ class CompleteTokenResponse(_message.Message):
     run_id: str
     message: str
     def __init__(self, completed: _Optional[bool] = ..., run_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RunEvent(_message.Message):
+    __slots__ = ("id", "at", "type", "attempt", "lease_id", "step_key", "data")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_KEY_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    at: _timestamp_pb2.Timestamp
+    type: str
+    attempt: int
+    lease_id: str
+    step_key: str
+    data: bytes
+    def __init__(self, id: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[str] = ..., attempt: _Optional[int] = ..., lease_id: _Optional[str] = ..., step_key: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GetRunHistoryRequest(_message.Message):
+    __slots__ = ("run_id", "page_size", "page_token")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, run_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class GetRunHistoryResponse(_message.Message):
+    __slots__ = ("events", "next_page_token")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[RunEvent]
+    next_page_token: str
+    def __init__(self, events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ReplayRunRequest(_message.Message):
+    __slots__ = ("run_id", "from_scratch")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_SCRATCH_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    from_scratch: bool
+    def __init__(self, run_id: _Optional[str] = ..., from_scratch: _Optional[bool] = ...) -> None: ...
+
+class ReplayRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: Run
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
+
+class RetryRunRequest(_message.Message):
+    __slots__ = ("run_id", "payload")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    payload: bytes
+    def __init__(self, run_id: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class RetryRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: Run
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...

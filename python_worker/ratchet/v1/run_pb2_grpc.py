@@ -65,6 +65,21 @@ class RunServiceStub:
                 request_serializer=ratchet_dot_v1_dot_run__pb2.CompleteTokenRequest.SerializeToString,
                 response_deserializer=ratchet_dot_v1_dot_run__pb2.CompleteTokenResponse.FromString,
                 _registered_method=True)
+        self.GetRunHistory = channel.unary_unary(
+                '/ratchet.v1.RunService/GetRunHistory',
+                request_serializer=ratchet_dot_v1_dot_run__pb2.GetRunHistoryRequest.SerializeToString,
+                response_deserializer=ratchet_dot_v1_dot_run__pb2.GetRunHistoryResponse.FromString,
+                _registered_method=True)
+        self.ReplayRun = channel.unary_unary(
+                '/ratchet.v1.RunService/ReplayRun',
+                request_serializer=ratchet_dot_v1_dot_run__pb2.ReplayRunRequest.SerializeToString,
+                response_deserializer=ratchet_dot_v1_dot_run__pb2.ReplayRunResponse.FromString,
+                _registered_method=True)
+        self.RetryRun = channel.unary_unary(
+                '/ratchet.v1.RunService/RetryRun',
+                request_serializer=ratchet_dot_v1_dot_run__pb2.RetryRunRequest.SerializeToString,
+                response_deserializer=ratchet_dot_v1_dot_run__pb2.RetryRunResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -120,6 +135,34 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunHistory(self, request, context):
+        """GetRunHistory pages through a run's append-only history, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayRun(self, request, context):
+        """ReplayRun gives a final run that did not complete (FAILED, CANCELED,
+        EXPIRED, TIMED_OUT) a new attempt from its last checkpoint: completed
+        steps are kept and do not run again, and the run gets its task's retry
+        budget anew. With from_scratch, a new run with the same task and payload
+        is created instead, linked to this one. FAILED_PRECONDITION for a run
+        that is not final or COMPLETED (unless from_scratch).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryRun(self, request, context):
+        """RetryRun creates a new run of the same task with a corrected payload,
+        linked to the old one (Run.replay_of); the payload is validated like a
+        trigger's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +195,21 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.CompleteToken,
                     request_deserializer=ratchet_dot_v1_dot_run__pb2.CompleteTokenRequest.FromString,
                     response_serializer=ratchet_dot_v1_dot_run__pb2.CompleteTokenResponse.SerializeToString,
+            ),
+            'GetRunHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunHistory,
+                    request_deserializer=ratchet_dot_v1_dot_run__pb2.GetRunHistoryRequest.FromString,
+                    response_serializer=ratchet_dot_v1_dot_run__pb2.GetRunHistoryResponse.SerializeToString,
+            ),
+            'ReplayRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayRun,
+                    request_deserializer=ratchet_dot_v1_dot_run__pb2.ReplayRunRequest.FromString,
+                    response_serializer=ratchet_dot_v1_dot_run__pb2.ReplayRunResponse.SerializeToString,
+            ),
+            'RetryRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryRun,
+                    request_deserializer=ratchet_dot_v1_dot_run__pb2.RetryRunRequest.FromString,
+                    response_serializer=ratchet_dot_v1_dot_run__pb2.RetryRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -317,6 +375,87 @@ class RunService:
             '/ratchet.v1.RunService/CompleteToken',
             ratchet_dot_v1_dot_run__pb2.CompleteTokenRequest.SerializeToString,
             ratchet_dot_v1_dot_run__pb2.CompleteTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratchet.v1.RunService/GetRunHistory',
+            ratchet_dot_v1_dot_run__pb2.GetRunHistoryRequest.SerializeToString,
+            ratchet_dot_v1_dot_run__pb2.GetRunHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratchet.v1.RunService/ReplayRun',
+            ratchet_dot_v1_dot_run__pb2.ReplayRunRequest.SerializeToString,
+            ratchet_dot_v1_dot_run__pb2.ReplayRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratchet.v1.RunService/RetryRun',
+            ratchet_dot_v1_dot_run__pb2.RetryRunRequest.SerializeToString,
+            ratchet_dot_v1_dot_run__pb2.RetryRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

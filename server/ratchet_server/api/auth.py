@@ -36,6 +36,9 @@ METHOD_ROLES: dict[str, frozenset[model.Role]] = {
     "/ratchet.v1.RunService/ListRuns": _CLIENT,
     "/ratchet.v1.RunService/CancelRun": _CLIENT,
     "/ratchet.v1.RunService/CompleteToken": _CLIENT,
+    "/ratchet.v1.RunService/GetRunHistory": _CLIENT,
+    "/ratchet.v1.RunService/ReplayRun": _CLIENT,
+    "/ratchet.v1.RunService/RetryRun": _CLIENT,
     "/ratchet.v1.SystemService/GetVersion": _ANY,
 }
 

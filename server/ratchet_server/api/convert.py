@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -101,7 +102,14 @@ def run_to_pb(run: model.Run) -> run_pb2.Run:
         parent_run_id=run.parent_run_id or "", created_at=ts(run.created_at),
         started_at=ts(run.started_at), finished_at=ts(run.finished_at),
         run_at=ts(run.run_at) if run.status is model.RunStatus.QUEUED else None,
-        state=_utf8(run.state), retry=retry_to_pb(run.retry))
+        state=_utf8(run.state), retry=retry_to_pb(run.retry), replay_of=run.replay_of or "")
+
+
+def event_to_pb(event: dict[str, Any]) -> run_pb2.RunEvent:
+    return run_pb2.RunEvent(
+        id=event["id"], at=ts(event["at"]), type=event["type"], attempt=event["attempt"] or 0,
+        lease_id=event["lease_id"] or "", step_key=event["step_key"] or "",
+        data=_utf8(event["data"]))
 
 
 def trigger_spec(task_id: str, payload: bytes, opts: run_pb2.TriggerOptions) -> TriggerSpec:

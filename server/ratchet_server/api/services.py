@@ -91,6 +91,25 @@ class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
         return run_pb2.CancelRunResponse(run=convert.run_to_pb(run))
 
     @_unary
+    async def GetRunHistory(self, request: Any, context: Any) -> run_pb2.GetRunHistoryResponse:
+        events, token = await self._engine.history(
+            auth.principal().env, request.run_id, request.page_size, request.page_token)
+        return run_pb2.GetRunHistoryResponse(events=[convert.event_to_pb(e) for e in events],
+                                             next_page_token=token)
+
+    @_unary
+    async def ReplayRun(self, request: Any, context: Any) -> run_pb2.ReplayRunResponse:
+        run = await self._engine.replay(auth.principal().env, request.run_id,
+                                        from_scratch=request.from_scratch)
+        return run_pb2.ReplayRunResponse(run=convert.run_to_pb(run))
+
+    @_unary
+    async def RetryRun(self, request: Any, context: Any) -> run_pb2.RetryRunResponse:
+        run = await self._engine.retry_with_payload(auth.principal().env, request.run_id,
+                                                    request.payload)
+        return run_pb2.RetryRunResponse(run=convert.run_to_pb(run))
+
+    @_unary
     async def CompleteToken(self, request: Any, context: Any) -> run_pb2.CompleteTokenResponse:
         completed, run_id, message = await self._engine.complete_token(
             auth.principal().env, request.token_id, request.data)

@@ -276,6 +276,69 @@ class Engine:
             session.outbox.put_nowait(CancelPush(run_id=run_id, lease_id=lease_id, reason=reason))
             self._wake.set()
 
+    # --- failed runs and history -------------------------------------------------
+
+    async def history(
+        self, env: str, run_id: str, page_size: int, page_token: str
+    ) -> tuple[list[dict[str, Any]], str]:
+        """A run's history, oldest first, a page at a time."""
+        if await self.store.get_run(env, run_id) is None:
+            raise errors.NotFound(f"run {run_id!r} not found")
+        try:
+            after = int(page_token) if page_token else 0
+        except ValueError:
+            raise errors.InvalidArgument("malformed page_token") from None
+        limit = min(max(page_size or 200, 1), 1000)
+        events = await self.store.get_events_page(run_id, after, limit + 1)
+        if len(events) <= limit:
+            return events, ""
+        return events[:limit], str(events[limit - 1]["id"])
+
+    async def replay(self, env: str, run_id: str, *, from_scratch: bool) -> model.Run:
+        """A new attempt from the last checkpoint, or a new linked run from scratch."""
+        run = await self.store.get_run(env, run_id)
+        if run is None:
+            raise errors.NotFound(f"run {run_id!r} not found")
+        if from_scratch:
+            return await self._rerun(run, run.payload.encode("utf-8"), "replayed from scratch")
+        if run.status is model.RunStatus.COMPLETED or not run.status.is_final:
+            raise errors.FailedPrecondition(
+                f"run {run_id!r} is {run.status.value}: only a run that ended without "
+                "completing can be replayed from its last checkpoint")
+        # The task's current policy (its fixed code may have changed it), with a
+        # fresh budget counted from the attempts already made.
+        task = await self._task(env, run.task_id)
+        policy = task.retry if task is not None else run.retry
+        budget = dataclasses.replace(policy, max_attempts=run.attempt + policy.max_attempts)
+        replayed = await self.store.replay_run(env, run_id, budget)
+        if replayed is None:
+            raise errors.FailedPrecondition(f"run {run_id!r} changed meanwhile; try again")
+        self._wake.set()
+        return replayed
+
+    async def retry_with_payload(self, env: str, run_id: str, payload: bytes) -> model.Run:
+        """A new run of the same task with a corrected payload, linked to the old one."""
+        run = await self.store.get_run(env, run_id)
+        if run is None:
+            raise errors.NotFound(f"run {run_id!r} not found")
+        return await self._rerun(run, payload, "retried with a new payload")
+
+    async def _rerun(self, old: model.Run, payload: bytes, why: str) -> model.Run:
+        spec = TriggerSpec(task_id=old.task_id, payload=payload, priority=old.priority,
+                           tags=old.tags, metadata=old.metadata)
+        new = dataclasses.replace(await self._new_run(old.env, spec, time.time()),
+                                  replay_of=old.id)
+        [(run, _)] = await self.store.create_runs([new])
+        now = time.time()
+        await self.store.append_events([
+            model.Event(run_id=old.id, type=model.EventType.REPLAYED, at=now,
+                        attempt=old.attempt, data=json.dumps({"new_run_id": run.id, "why": why})),
+            model.Event(run_id=run.id, type=model.EventType.REPLAYED, at=now,
+                        data=json.dumps({"replay_of": old.id, "why": why})),
+        ])
+        self._wake.set()
+        return run
+
     # --- sessions -----------------------------------------------------------------
 
     async def open_session(

@@ -136,6 +136,7 @@ def run_from_row(row: Row) -> model.Run:
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        replay_of=row["replay_of"],
     )
 
 
@@ -204,12 +205,12 @@ WHERE env = :env AND task_id = :task_id AND idempotency_key = :key
 INSERT_RUN = """
 INSERT INTO runs (id, env, task_id, status, attempt, payload, queue, priority, retry, run_at,
                   idempotency_key, idempotency_expires_at, concurrency_key, tags, metadata,
-                  parent_run_id, parent_step_key, child_index, ttl, max_duration, expire_at,
-                  created_at, updated_at)
+                  parent_run_id, parent_step_key, child_index, replay_of, ttl, max_duration,
+                  expire_at, created_at, updated_at)
 VALUES (:id, :env, :task_id, 'QUEUED', 0, :payload, :queue, :priority, :retry, :run_at,
         :idempotency_key, :idempotency_expires_at, :concurrency_key, :tags, :metadata,
-        :parent_run_id, :parent_step_key, :child_index, :ttl, :max_duration, :expire_at,
-        :now, :now)
+        :parent_run_id, :parent_step_key, :child_index, :replay_of, :ttl, :max_duration,
+        :expire_at, :now, :now)
 ON CONFLICT DO NOTHING
 RETURNING *
 """
@@ -453,6 +454,19 @@ VALUES (:run_id, :at, :type, :attempt, :lease_id, :step_key, :data)
 
 SELECT_EVENTS = "SELECT * FROM run_events WHERE run_id = :run_id ORDER BY id"
 
+SELECT_EVENTS_PAGE = """
+SELECT * FROM run_events WHERE run_id = :run_id AND id > :after ORDER BY id LIMIT :limit
+"""
+
+# A person gives a final run that did not complete a new attempt.
+REPLAY_RUN = """
+UPDATE runs SET status = 'QUEUED', run_at = :now, finished_at = NULL, retry = :retry,
+                lease_owner = NULL, lease_expires_at = NULL, waiting_on = NULL,
+                deadline_at = NULL, expire_at = NULL, updated_at = :now
+WHERE env = :env AND id = :id AND status IN ('FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
+RETURNING *
+"""
+
 LIST_RUNS = """
 SELECT * FROM runs
 WHERE env = :env {filters}
@@ -507,6 +521,7 @@ def _new_run_params(new: model.NewRun, now: float) -> dict[str, Any]:
         "parent_run_id": new.parent_run_id,
         "parent_step_key": new.parent_step_key,
         "child_index": new.child_index,
+        "replay_of": new.replay_of,
         "ttl": new.ttl,
         "max_duration": new.max_duration,
         "expire_at": None if new.ttl is None else new.run_at + new.ttl,
@@ -523,7 +538,7 @@ def _created_run(new: model.NewRun, now: float) -> model.Run:
         concurrency_key=new.concurrency_key, tags=tuple(new.tags),
         metadata=dict(new.metadata), parent_run_id=new.parent_run_id, state=None,
         lease_id=None, lease_owner=None, lease_expires_at=None, created_at=now,
-        started_at=None, finished_at=None)
+        started_at=None, finished_at=None, replay_of=new.replay_of)
 
 
 def create_runs_txn(

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from ratchet._retry import NO_RETRY
+from ratchet._retry import NO_RETRY, Retry
 from ratchet_server import model
 from ratchet_server.store import _sql
 
@@ -57,6 +57,11 @@ class Store(Protocol):
     async def get_run(self, env: str | None, run_id: str) -> model.Run | None: ...
     async def get_steps(self, run_id: str) -> list[model.Step]: ...
     async def get_events(self, run_id: str) -> list[dict[str, Any]]: ...
+    async def get_events_page(
+        self, run_id: str, after: int, limit: int
+    ) -> list[dict[str, Any]]: ...
+    async def append_events(self, events: Sequence[model.Event]) -> None: ...
+    async def replay_run(self, env: str, run_id: str, retry: Retry) -> model.Run | None: ...
     async def list_runs(
         self, flt: model.RunFilter, limit: int, cursor: tuple[float, str] | None
     ) -> list[model.Run]: ...
@@ -237,6 +242,38 @@ class SqlStore(abc.ABC):
                                 {"run_id": run_id}).fetchall()
             return [{k: r[k] for k in ("id", "at", "type", "attempt", "lease_id", "step_key",
                                        "data")} for r in rows]
+
+        return await self._run(txn)
+
+    async def get_events_page(
+        self, run_id: str, after: int, limit: int
+    ) -> list[dict[str, Any]]:
+        def txn(conn: Any) -> list[dict[str, Any]]:
+            rows = conn.execute(self.dialect.sql(_sql.SELECT_EVENTS_PAGE),
+                                {"run_id": run_id, "after": after, "limit": limit}).fetchall()
+            return [{k: r[k] for k in ("id", "at", "type", "attempt", "lease_id", "step_key",
+                                       "data")} for r in rows]
+
+        return await self._run(txn)
+
+    async def append_events(self, events: Sequence[model.Event]) -> None:
+        await self._run(lambda c: _sql.insert_events_txn(c, self.dialect, events))
+
+    async def replay_run(self, env: str, run_id: str, retry: Retry) -> model.Run | None:
+        def txn(conn: Any) -> model.Run | None:
+            now = time.time()
+            row = conn.execute(self.dialect.sql(_sql.REPLAY_RUN), {
+                "env": env, "id": run_id, "now": now,
+                "retry": _sql.retry_to_json(retry)}).fetchone()
+            if row is None:
+                return None
+            run = _sql.run_from_row(row)
+            _sql.insert_events_txn(conn, self.dialect, [model.Event(
+                run_id=run.id, type=model.EventType.REPLAYED, at=now, attempt=run.attempt,
+                data=json.dumps({"from": "last checkpoint",
+                                 "max_attempts": retry.max_attempts}))])
+            self._notify_txn(conn, {env})
+            return run
 
         return await self._run(txn)
 
