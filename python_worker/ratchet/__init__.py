@@ -15,6 +15,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ratchet import retry
 from ratchet._client import Client
 from ratchet._context import Context
 from ratchet._errors import (
@@ -62,5 +63,6 @@ __all__ = [
     "Worker",
     "WorkerError",
     "__version__",
+    "retry",
     "task",
 ]

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import dataclasses
 import datetime as dt
 import functools
 import inspect
@@ -36,6 +37,16 @@ _current_step: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "ratchet_current_step", default=None)
 
 logger = logging.getLogger("ratchet.task")
+
+_current_context: contextvars.ContextVar[Context] = contextvars.ContextVar("ratchet_context")
+
+
+def current() -> Context:
+    """The Context of the run this code executes in (for helpers such as retry.fetch)."""
+    try:
+        return _current_context.get()
+    except LookupError:
+        raise RuntimeError("not inside a Ratchet task") from None
 
 
 class Journal(Protocol):
@@ -183,12 +194,18 @@ class Context:
                 attempts = attempt
                 error = error_from_exception(exc, step_key=key, attempt=attempt)
                 finished = time.time()
-                if error.non_retryable or not policy.allows_another(attempt - base):
+                retryable = not error.non_retryable and policy.retries(exc)
+                if not retryable:  # no_retry_on / retry_on said so: fail the run at once too
+                    error = dataclasses.replace(error, non_retryable=True)
+                if not retryable or not policy.allows_another(attempt - base):
                     await self._checkpoint(
                         key, worker_pb2.STEP_EVENT_FAILED, attempt, base, started, finished,
                         error=error_to_pb(error))
                     raise StepFailedError(key, attempt, error) from exc
                 delay = policy.delay_after(attempt - base)
+                retry_after = getattr(exc, "retry_after", None)
+                if isinstance(retry_after, int | float) and retry_after > delay:
+                    delay = min(policy.max_delay, float(retry_after))
                 self.logger.warning("step %s attempt %d failed (%s); retrying in %.2fs",
                                     key, attempt, error.type, delay)
                 await self._checkpoint(

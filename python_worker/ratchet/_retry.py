@@ -27,6 +27,10 @@ class Retry:
     min_delay: float = 1.0
     max_delay: float = 60.0
     jitter: bool = False
+    # Exception types worth retrying (empty = all but NonRetryableError), and
+    # types never retried. Checked in the worker; not sent to the coordinator.
+    retry_on: tuple[type[BaseException], ...] = dataclasses.field(default=(), compare=False)
+    no_retry_on: tuple[type[BaseException], ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -49,6 +53,12 @@ class Retry:
         if self.jitter:
             base = min(self.max_delay, base * (0.5 + (rng or random).random()))
         return base
+
+    def retries(self, exc: BaseException) -> bool:
+        """Whether this policy would try again after `exc` (attempts aside)."""
+        if self.no_retry_on and isinstance(exc, self.no_retry_on):
+            return False
+        return not self.retry_on or isinstance(exc, self.retry_on)
 
     def allows_another(self, attempts_made: int) -> bool:
         """True if a further attempt is within the budget after `attempts_made` attempts."""

@@ -19,6 +19,7 @@ from ratchet._retry import Retry
 
 if typing.TYPE_CHECKING:
     from ratchet._context import Context
+    from ratchet._types import RunError
 
 P = TypeVar("P")
 Out = TypeVar("Out")
@@ -42,6 +43,7 @@ class Task(Generic[P, Out]):
     max_duration: float | None
     payload_type: Any  # None when the payload is unannotated
     output_type: Any
+    on_failure: Callable[[Context, RunError], Awaitable[None]] | None = None
 
     def payload_schema(self) -> bytes:
         """JSON Schema of the payload, or b"" when the payload is any JSON."""
@@ -88,6 +90,7 @@ def task(
     queue: str | None = None,
     version: str = "",
     max_duration: float | None = None,
+    on_failure: Callable[[Context, RunError], Awaitable[None]] | None = None,
 ) -> Callable[[Callable[[Context, P], Awaitable[Out]]], Task[P, Out]]:
     """Declare a durable task.
 
@@ -95,7 +98,9 @@ def task(
     When `T` is a pydantic model (or any type pydantic understands), payloads
     are validated on the worker and its JSON Schema is announced to the
     coordinator, which rejects triggers that do not fit. `retry` governs run
-    attempts (default: 3 attempts, 1 s doubling to 60 s).
+    attempts (default: 3 attempts, 1 s doubling to 60 s). `on_failure(ctx,
+    error)` runs once, as a durable step, when the run ends FAILED (not on
+    attempts that will be retried).
     """
 
     def wrap(fn: Callable[[Context, P], Awaitable[Out]]) -> Task[P, Out]:
@@ -116,6 +121,6 @@ def task(
             output_type = None
         return Task(id=task_id, fn=fn, retry=retry or Retry(), queue=queue or task_id,
                     version=version, max_duration=max_duration, payload_type=payload_type,
-                    output_type=output_type)
+                    output_type=output_type, on_failure=on_failure)
 
     return wrap

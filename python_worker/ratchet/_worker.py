@@ -18,11 +18,12 @@ from typing import Any
 
 import grpc
 
-from ratchet import __version__
+from ratchet import __version__, _context
 from ratchet._codec import duration, error_from_exception, error_to_pb, retry_to_pb
 from ratchet._context import Context
 from ratchet._errors import LeaseLostError, NonRetryableError, RatchetError
 from ratchet._task import Task
+from ratchet._types import RunError
 from ratchet.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("ratchet.worker")
@@ -385,6 +386,7 @@ class Worker:
                           journal=journal, executor=self._threads,
                           sleep_threshold=self._sleep_threshold)
             execution.ctx = ctx
+            _context._current_context.set(ctx)
             try:
                 if task is None:
                     raise RatchetError(f"this worker does not serve task {grant.task_id!r}")
@@ -408,6 +410,10 @@ class Worker:
                 error = error_from_exception(exc, attempt=grant.attempt)
                 log.warning("run %s attempt %d failed: %s: %s", run_id, grant.attempt,
                             error.type, error.message)
+                last = error.non_retryable or (
+                    grant.HasField("retry") and grant.attempt >= grant.retry.max_attempts)
+                if last and task is not None and task.on_failure is not None:
+                    await _on_failure(ctx, task, error)
                 outcome = worker_pb2.Complete(lease_id=lease_id, run_id=run_id,
                                               failed=worker_pb2.Failed(error=error_to_pb(error)))
                 with contextlib.suppress(TypeError):  # a state that cannot be saved stays behind
@@ -449,6 +455,19 @@ class Worker:
             failed = worker_pb2.Complete(lease_id=outcome.lease_id, run_id=outcome.run_id,
                                          failed=worker_pb2.Failed(error=error))
             await self._request_patiently(worker_pb2.SessionRequest(complete=failed), lease_id)
+
+
+async def _on_failure(ctx: Context, task: Task[Any, Any], error: RunError) -> None:
+    """The task's on-failure hook, once per run: a durable step, so a replay of
+    this last attempt does not call it again."""
+    hook = task.on_failure
+    assert hook is not None
+    try:
+        await ctx.step("ratchet:on_failure", hook, ctx, error)  # type: ignore[arg-type]
+    except (asyncio.CancelledError, LeaseLostError):
+        raise
+    except Exception:
+        log.exception("run %s: the on_failure hook failed", ctx.run_id)
 
 
 async def _until_done_or_suspended(

@@ -283,3 +283,32 @@ async def greet(ctx: ratchet.Context, payload: Greeting) -> str:
     if not payload.name.strip():
         raise ratchet.NonRetryableError("empty name")
     return await ctx.step("hello", lambda: f"hello {payload.name}")
+
+
+class Fetch(pydantic.BaseModel):
+    url: str
+    dir: str = ""
+    attempts: int = 5
+
+
+@ratchet.task(id="fetcher", retry=ratchet.Retry(max_attempts=1))
+async def fetcher(ctx: ratchet.Context, payload: Fetch) -> dict[str, Any]:
+    response = await ratchet.retry.fetch(
+        payload.url, retry=ratchet.Retry(max_attempts=payload.attempts, min_delay=0.1,
+                                         max_delay=10.0))
+    return {"status": response.status_code, "body": response.json()}
+
+
+async def _record_failure(ctx: ratchet.Context, error: ratchet.RunError) -> None:
+    mark(ctx.state["dir"], "on_failure")
+
+
+@ratchet.task(id="hooked", retry=ratchet.Retry(max_attempts=3, min_delay=0.05),
+              on_failure=_record_failure)
+async def hooked(ctx: ratchet.Context, payload: dict[str, Any]) -> int:
+    """Fails `fail` times; on_failure must run once if the run ends FAILED."""
+    ctx.state["dir"] = payload["dir"]
+    n = mark(payload["dir"], "attempts")
+    if n <= payload["fail"]:
+        raise RuntimeError(f"failure {n}")
+    return n

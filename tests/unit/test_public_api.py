@@ -34,6 +34,7 @@ PUBLIC = [
     "Worker",
     "WorkerError",
     "__version__",
+    "retry",
     "task",
 ]
 
@@ -50,7 +51,9 @@ def test_every_exported_name_exists() -> None:
 def test_exported_names_are_defined_in_ratchet() -> None:
     for name in ratchet.__all__:
         value = getattr(ratchet, name)
-        if name != "__version__":
+        if name == "retry":  # the retry.fetch module
+            assert value.__name__ == "ratchet.retry"
+        elif name != "__version__":
             assert value.__module__.startswith("ratchet."), name
 
 

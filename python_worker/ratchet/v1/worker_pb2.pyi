@@ -135,20 +135,22 @@ class Snapshot(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.Step, _Mapping]]] = ..., state: _Optional[bytes] = ...) -> None: ...
 
 class LeaseGrant(_message.Message):
-    __slots__ = ("lease_id", "run_id", "task_id", "attempt", "snapshot", "expires_at")
+    __slots__ = ("lease_id", "run_id", "task_id", "attempt", "snapshot", "expires_at", "retry")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     run_id: str
     task_id: str
     attempt: int
     snapshot: Snapshot
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    retry: _common_pb2.RetryPolicy
+    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("lease_id", "run_id", "step_key", "kind", "event", "attempt", "output", "error", "started_at", "finished_at", "state", "retry_base", "retry_at", "wake_at", "token_id")

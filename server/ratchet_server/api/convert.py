@@ -157,4 +157,4 @@ def lease_to_pb(leased: model.LeasedRun, lease_ttl: float) -> worker_pb2.LeaseGr
         snapshot=worker_pb2.Snapshot(payload=_utf8(run.payload),
                                      steps=[step_to_pb(s) for s in leased.steps],
                                      state=_utf8(run.state)),
-        expires_at=ts(run.lease_expires_at))
+        expires_at=ts(run.lease_expires_at), retry=retry_to_pb(run.retry))

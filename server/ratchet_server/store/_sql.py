@@ -90,8 +90,11 @@ POSTGRES = Dialect(
 # --- encoding helpers -------------------------------------------------------
 
 
+RETRY_FIELDS = ("max_attempts", "factor", "min_delay", "max_delay", "jitter")
+
+
 def retry_to_json(retry: Retry) -> str:
-    return json.dumps(dataclasses.asdict(retry), separators=(",", ":"))
+    return json.dumps({f: getattr(retry, f) for f in RETRY_FIELDS}, separators=(",", ":"))
 
 
 def retry_from_json(text: str) -> Retry:
