@@ -34,7 +34,7 @@ from ratchet._errors import (
 )
 from ratchet._retry import Retry
 from ratchet._task import PayloadValidationError, Task, task
-from ratchet._types import Run, RunError, RunEvent, RunStatus, StepInfo
+from ratchet._types import Decision, Run, RunError, RunEvent, RunStatus, StepInfo
 from ratchet._worker import Worker, WorkerError
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "Client",
     "ClientError",
     "Context",
+    "Decision",
     "InvalidArgumentError",
     "LeaseLostError",
     "NonRetryableError",

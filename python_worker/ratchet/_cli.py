@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import threading
+import time
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +29,8 @@ from ratchet._task import Task
 from ratchet._types import Run, RunEvent, RunStatus
 from ratchet._worker import Worker
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 class CLIError(Exception):
@@ -37,7 +38,7 @@ class CLIError(Exception):
 
 
 def duration(text: str) -> float:
-    """Parse `15s`, `500ms`, `2m`, `1h` or plain seconds."""
+    """Parse `15s`, `500ms`, `2m`, `1h`, `30d` or plain seconds."""
     match = _DURATION.match(text)
     if not match:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 15s, 500ms, 2m)")
@@ -51,6 +52,9 @@ def _timing_args(p: argparse.ArgumentParser) -> None:
                    help="how often workers must send a heartbeat (default 5s)")
     p.add_argument("--session-grace", type=duration, default=duration("1s"),
                    help="how long a closed session's leases wait for a reconnect (default 1s)")
+    p.add_argument("--retention", type=duration, default=duration("30d"),
+                   help="delete finished runs (steps, history) after this; 0 keeps them "
+                        "(default 30d)")
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -133,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None)
     p.add_argument("--tag", default=None)
     p.add_argument("--parent", default=None, help="only the child runs of this run")
+    p.add_argument("--error-type", default=None, help="only runs failed with this error type")
+    p.add_argument("--since", type=duration, default=None, help="only runs created this recently")
+    p.add_argument("--include-discarded", action="store_true")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     _client_args(p)
@@ -155,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="append", default=[])
     p.add_argument("--task", default=None)
     p.add_argument("--tag", default=None)
+    _client_args(p)
+    p = runs.add_parser("discard", help="hide a final run from listings")
+    p.add_argument("run_id")
     _client_args(p)
     p = runs.add_parser("retry", help="a new run with a corrected payload")
     p.add_argument("run_id")
@@ -302,8 +312,11 @@ async def _trigger(args: argparse.Namespace) -> int:
 async def _runs(args: argparse.Namespace) -> int:
     async with Client(args.coordinator, api_key=args.api_key) as client:
         if args.runs_command == "list":
+            since = None if args.since is None else time.time() - args.since
             runs, _ = await client.list(status=args.status or None, task=args.task,
-                                        tag=args.tag, parent=args.parent, limit=args.limit)
+                                        tag=args.tag, parent=args.parent, limit=args.limit,
+                                        error_type=args.error_type, created_after=since,
+                                        include_discarded=args.include_discarded)
             if args.json:
                 print(json.dumps([r.to_dict() for r in runs], indent=2))
             else:
@@ -323,6 +336,9 @@ async def _runs(args: argparse.Namespace) -> int:
                 print(json.dumps([e.to_dict() for e in events], indent=2))
             else:
                 print(render_history(events))
+        elif args.runs_command == "discard":
+            run = await client.discard(args.run_id)
+            print(f"{run.id} discarded")
         elif args.runs_command == "retry":
             run = await client.retry(args.run_id, _payload(args.payload))
             print(run.id)

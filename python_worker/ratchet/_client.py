@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from ratchet._codec import event_from_pb, run_from_pb, to_json, trigger_options
+from ratchet._codec import event_from_pb, run_from_pb, timestamp, to_json, trigger_options
 from ratchet._errors import ClientError, RunFailedError, from_rpc_error
 from ratchet._retry import Retry
 from ratchet._task import Task
@@ -107,6 +107,10 @@ class Client:
         task: Task[Any, Any] | str | None = None,
         tag: str | None = None,
         parent: str | None = None,
+        error_type: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        include_discarded: bool = False,
         limit: int = 50,
         page_token: str = "",
     ) -> tuple[list[Run], str]:
@@ -117,7 +121,12 @@ class Client:
         request = run_pb2.ListRunsRequest(
             statuses=codes,
             task_id="" if task is None else _task_id(task), tag=tag or "", page_size=limit,
-            page_token=page_token, parent_run_id=parent or "")
+            page_token=page_token, parent_run_id=parent or "", error_type=error_type or "",
+            include_discarded=include_discarded)
+        if created_after is not None:
+            request.created_after.CopyFrom(timestamp(created_after))
+        if created_before is not None:
+            request.created_before.CopyFrom(timestamp(created_before))
         response = await self._call(self._runs.ListRuns, request)
         return [run_from_pb(r) for r in response.runs], response.next_page_token
 
@@ -145,6 +154,12 @@ class Client:
         linked run with the same payload."""
         response = await self._call(self._runs.ReplayRun, run_pb2.ReplayRunRequest(
             run_id=run_id, from_scratch=from_scratch))
+        return run_from_pb(response.run)
+
+    async def discard(self, run_id: str) -> Run:
+        """Hide a final run from listings (its history stays until retention)."""
+        response = await self._call(self._runs.DiscardRun,
+                                    run_pb2.DiscardRunRequest(run_id=run_id))
         return run_from_pb(response.run)
 
     async def retry(self, run_id: str, payload: Any) -> Run:

@@ -19,7 +19,7 @@ from ratchet._retry import Retry
 
 if typing.TYPE_CHECKING:
     from ratchet._context import Context
-    from ratchet._types import RunError
+    from ratchet._types import Decision, RunError
 
 P = TypeVar("P")
 Out = TypeVar("Out")
@@ -44,6 +44,7 @@ class Task(Generic[P, Out]):
     payload_type: Any  # None when the payload is unannotated
     output_type: Any
     on_failure: Callable[[Context, RunError], Awaitable[None]] | None = None
+    catch_error: Callable[[Context, RunError], Awaitable[Decision | None]] | None = None
 
     def payload_schema(self) -> bytes:
         """JSON Schema of the payload, or b"" when the payload is any JSON."""
@@ -91,6 +92,7 @@ def task(
     version: str = "",
     max_duration: float | None = None,
     on_failure: Callable[[Context, RunError], Awaitable[None]] | None = None,
+    catch_error: Callable[[Context, RunError], Awaitable[Decision | None]] | None = None,
 ) -> Callable[[Callable[[Context, P], Awaitable[Out]]], Task[P, Out]]:
     """Declare a durable task.
 
@@ -121,6 +123,6 @@ def task(
             output_type = None
         return Task(id=task_id, fn=fn, retry=retry or Retry(), queue=queue or task_id,
                     version=version, max_duration=max_duration, payload_type=payload_type,
-                    output_type=output_type, on_failure=on_failure)
+                    output_type=output_type, on_failure=on_failure, catch_error=catch_error)
 
     return wrap

@@ -137,3 +137,38 @@ class RunEvent:
         return {"id": self.id, "at": None if self.at is None else self.at.isoformat(),
                 "type": self.type, "attempt": self.attempt, "lease_id": self.lease_id or None,
                 "step_key": self.step_key or None, "data": self.data}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    """What a task's `catch_error(ctx, error)` hook decides about a failed attempt.
+
+    Return `Decision.retry_now()`, `Decision.retry_at(when)`, `Decision.fail()`
+    or `Decision.replace(error)`; returning None keeps the retry policy's
+    choice. A retry still needs an attempt left in the policy.
+    """
+
+    action: str
+    at: float | None = None
+    error: RunError | None = None
+
+    @classmethod
+    def retry_now(cls) -> Decision:
+        return cls("retry", at=0.0)
+
+    @classmethod
+    def retry_at(cls, when: dt.datetime | float) -> Decision:
+        """At an aware datetime, or after `when` seconds."""
+        if isinstance(when, dt.datetime):
+            return cls("retry", at=when.timestamp())
+        return cls("retry_in", at=float(when))
+
+    @classmethod
+    def fail(cls) -> Decision:
+        """No more attempts: the run ends FAILED now."""
+        return cls("fail")
+
+    @classmethod
+    def replace(cls, error: RunError) -> Decision:
+        """Record this error instead (its non_retryable flag is honoured)."""
+        return cls("replace", error=error)

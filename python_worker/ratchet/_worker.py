@@ -13,13 +13,14 @@ import os
 import random
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any
 
 import grpc
 
 from ratchet import __version__, _context
-from ratchet._codec import duration, error_from_exception, error_to_pb, retry_to_pb
+from ratchet._codec import duration, error_from_exception, error_to_pb, retry_to_pb, timestamp
 from ratchet._context import Context
 from ratchet._errors import LeaseLostError, NonRetryableError, RatchetError
 from ratchet._task import Task
@@ -410,12 +411,17 @@ class Worker:
                 error = error_from_exception(exc, attempt=grant.attempt)
                 log.warning("run %s attempt %d failed: %s: %s", run_id, grant.attempt,
                             error.type, error.message)
+                retry_at: float | None = None
+                if task is not None and task.catch_error is not None:
+                    error, retry_at = await _catch_error(ctx, task, error)
                 last = error.non_retryable or (
                     grant.HasField("retry") and grant.attempt >= grant.retry.max_attempts)
                 if last and task is not None and task.on_failure is not None:
                     await _on_failure(ctx, task, error)
-                outcome = worker_pb2.Complete(lease_id=lease_id, run_id=run_id,
-                                              failed=worker_pb2.Failed(error=error_to_pb(error)))
+                failed = worker_pb2.Failed(error=error_to_pb(error))
+                if retry_at is not None:
+                    failed.retry_at.CopyFrom(timestamp(retry_at))
+                outcome = worker_pb2.Complete(lease_id=lease_id, run_id=run_id, failed=failed)
                 with contextlib.suppress(TypeError):  # a state that cannot be saved stays behind
                     state = ctx._state_update()
                     if state is not None:
@@ -455,6 +461,34 @@ class Worker:
             failed = worker_pb2.Complete(lease_id=outcome.lease_id, run_id=outcome.run_id,
                                          failed=worker_pb2.Failed(error=error))
             await self._request_patiently(worker_pb2.SessionRequest(complete=failed), lease_id)
+
+
+async def _catch_error(
+    ctx: Context, task: Task[Any, Any], error: RunError
+) -> tuple[RunError, float | None]:
+    """Let the task's catch_error hook decide about a failed attempt."""
+    hook = task.catch_error
+    assert hook is not None
+    try:
+        decision = await hook(ctx, error)
+    except (asyncio.CancelledError, LeaseLostError):
+        raise
+    except Exception:
+        log.exception("run %s: the catch_error hook failed; keeping the policy's choice",
+                      ctx.run_id)
+        return error, None
+    if decision is None:
+        return error, None
+    now = time.time()
+    if decision.action == "fail":
+        return dataclasses.replace(error, non_retryable=True), None
+    if decision.action == "replace" and decision.error is not None:
+        return decision.error, None
+    if decision.action == "retry_in":
+        return error, now + (decision.at or 0.0)
+    if decision.action == "retry":
+        return error, now if not decision.at else decision.at
+    return error, None
 
 
 async def _on_failure(ctx: Context, task: Task[Any, Any], error: RunError) -> None:

@@ -65,7 +65,8 @@ def _config(args: argparse.Namespace) -> EngineConfig:
     if args.heartbeat_interval >= args.lease_ttl:
         raise ServerCLIErrorAsValue("--heartbeat-interval must be shorter than --lease-ttl")
     return EngineConfig(lease_ttl=args.lease_ttl, heartbeat_interval=args.heartbeat_interval,
-                        session_grace=args.session_grace)
+                        session_grace=args.session_grace,
+                        retention=args.retention or None)
 
 
 async def _serve(store: Store, options: ServerOptions, workers: Sequence[Worker] = ()) -> int:

@@ -83,6 +83,7 @@ class EventType(enum.StrEnum):
     TIMED_OUT = "timed_out"
     CHILDREN_TRIGGERED = "children_triggered"
     REPLAYED = "replayed"
+    DISCARDED = "discarded"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -167,6 +168,7 @@ class Run:
     started_at: float | None
     finished_at: float | None
     replay_of: str | None = None
+    discarded_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -220,6 +222,10 @@ class RunFilter:
     task_id: str | None = None
     tag: str | None = None
     parent_run_id: str | None = None
+    error_type: str | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+    include_discarded: bool = False
 
 
 # Fenced writes. Each names the lease it was made under; the store applies it

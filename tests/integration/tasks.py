@@ -312,3 +312,25 @@ async def hooked(ctx: ratchet.Context, payload: dict[str, Any]) -> int:
     if n <= payload["fail"]:
         raise RuntimeError(f"failure {n}")
     return n
+
+
+async def _decide(ctx: ratchet.Context, error: ratchet.RunError) -> ratchet.Decision | None:
+    mode = ctx.state.get("mode")
+    if mode == "fail":
+        return ratchet.Decision.fail()
+    if mode == "later":
+        return ratchet.Decision.retry_at(1.5)
+    if mode == "replace":
+        return ratchet.Decision.replace(ratchet.RunError(type="Upstream", message="replaced",
+                                                         non_retryable=True))
+    return None
+
+
+@ratchet.task(id="catcher", retry=ratchet.Retry(max_attempts=3, min_delay=0.05),
+              catch_error=_decide)
+async def catcher(ctx: ratchet.Context, payload: dict[str, Any]) -> int:
+    ctx.state["mode"] = payload["mode"]
+    n = mark(payload["dir"], "attempts")
+    if n < 2:
+        raise RuntimeError(f"failure {n}")
+    return n

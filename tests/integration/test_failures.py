@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,46 @@ async def test_bulk_replay_of_failed_runs(cluster: Cluster, tmp_path: Path) -> N
     assert "3/3" in bulk.stderr and "replayed 3 of 3" in bulk.stdout
     for run in runs:
         assert (await client.wait(run.id, timeout=30)).status == "COMPLETED"
+
+
+async def test_catch_error_decides(cluster: Cluster, tmp_path: Path) -> None:
+    worker = cluster.start_worker(slots=3)
+    await cluster.wait_worker_connected(worker)
+    client = cluster.client()
+    dirs = {m: tmp_path / m for m in ("fail", "later", "replace")}
+    for d in dirs.values():
+        d.mkdir()
+    runs = {m: await client.trigger("catcher", {"mode": m, "dir": str(d)})
+            for m, d in dirs.items()}
+    failed = await client.wait(runs["fail"].id, timeout=30)
+    assert failed.status == "FAILED" and failed.attempt == 1
+    replaced = await client.wait(runs["replace"].id, timeout=30)
+    assert replaced.status == "FAILED" and replaced.error is not None
+    assert (replaced.error.type, replaced.error.message) == ("Upstream", "replaced")
+    later = await client.wait(runs["later"].id, timeout=30)
+    assert later.status == "COMPLETED" and later.attempt == 2
+    leased = [e.at for e in await client.history(later.id) if e.type == "leased"]
+    assert leased[0] is not None and leased[1] is not None
+    assert (leased[1] - leased[0]).total_seconds() >= 1.5  # not the policy's 0.05 s
+
+
+async def test_list_failed_runs_by_error_type_and_time_and_discard(cluster: Cluster) -> None:
+    worker = cluster.start_worker(slots=2)
+    await cluster.wait_worker_connected(worker)
+    client = cluster.client()
+    bad = await client.trigger("greet", {"name": " "})
+    good = await client.trigger("greet", {"name": "Bo"})
+    await client.wait(bad.id, timeout=30)
+    await client.wait(good.id, timeout=30)
+    by_type, _ = await client.list(status="FAILED", error_type="ratchet.NonRetryableError")
+    assert [r.id for r in by_type] == [bad.id]
+    assert (await client.list(error_type="KeyError"))[0] == []
+    recent = await run_cli_async("runs", "list", "--since", "1h", "--json", env=cluster.cli_env())
+    assert {r["id"] for r in json.loads(recent.stdout)} == {bad.id, good.id}
+    future, _ = await client.list(created_after=time.time() + 60)
+    assert future == []
+    discarded = await run_cli_async("runs", "discard", bad.id, env=cluster.cli_env())
+    assert discarded.returncode == 0, discarded.stderr
+    assert [r.id for r in (await client.list(status="FAILED"))[0]] == []
+    hidden, _ = await client.list(status="FAILED", include_discarded=True)
+    assert [r.id for r in hidden] == [bad.id] and hidden[0].status == "FAILED"

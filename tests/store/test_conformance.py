@@ -711,3 +711,20 @@ async def test_children_are_created_once_per_step(store: Store) -> None:
     results = json.loads(str(step.output))
     assert [r["run_id"] for r in results] == first
     assert {r["status"] for r in results} == {"CANCELED"}
+
+
+async def test_retention_deletes_finished_runs_in_batches(store: Store) -> None:
+    await create(store, new_run(), new_run(), new_run())
+    done = await lease(store, limit=2)
+    for leased in done:
+        assert await store.apply([transition(leased.run, model.RunStatus.COMPLETED)]) == [True]
+    [waiting] = [r for r in await store.list_runs(model.RunFilter(env=ENV), 10, None)
+                 if r.status is model.RunStatus.QUEUED]
+    assert await store.delete_finished(time.time() - 60, 10) == 0  # not old enough
+    assert await store.delete_finished(time.time() + 1, 1) == 1  # one batch of one
+    assert await store.delete_finished(time.time() + 1, 10) == 1
+    assert await store.delete_finished(time.time() + 1, 10) == 0
+    for leased in done:
+        assert await store.get_run(ENV, leased.run.id) is None
+        assert await store.get_events(leased.run.id) == []
+    assert await store.get_run(ENV, waiting.id) is not None  # unfinished runs stay

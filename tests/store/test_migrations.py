@@ -22,7 +22,7 @@ EXPECTED_COLUMNS = {
         "concurrency_key", "tags", "metadata", "parent_run_id", "ttl", "max_duration", "state",
         "lease_id", "lease_owner", "lease_expires_at", "created_at", "started_at",
         "finished_at", "updated_at", "waiting_on", "expire_at", "deadline_at", "parent_step_key",
-        "child_index", "replay_of",
+        "child_index", "replay_of", "discarded_at",
     },
     "steps": {
         "run_id", "key", "kind", "status", "attempts", "retry_base", "output", "error",

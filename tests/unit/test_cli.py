@@ -105,7 +105,7 @@ def test_duration(text: str, seconds: float) -> None:
     assert duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["abc", "", "s", "-1s", "1d", "1.s", ".5s", "1e3", "15sec",
+@pytest.mark.parametrize("text", ["abc", "", "s", "-1s", "1.s", ".5s", "1e3", "15sec",
                                   "1 h m", "1,5s", "15S"])
 def test_invalid_duration(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="invalid duration"):

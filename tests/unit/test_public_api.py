@@ -14,6 +14,7 @@ PUBLIC = [
     "Client",
     "ClientError",
     "Context",
+    "Decision",
     "InvalidArgumentError",
     "LeaseLostError",
     "NonRetryableError",

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from ratchet.v1 import common_pb2 as ratchet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14ratchet/v1/run.proto\x12\nratchet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17ratchet/v1/common.proto\"\xc7\x03\n\x0eTriggerOptions\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x36\n\x13idempotency_key_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05\x64\x65lay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\r\n\x05queue\x18\x06 \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x07 \x01(\t\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12:\n\x08metadata\x18\t \x03(\x0b\x32(.ratchet.v1.TriggerOptions.MetadataEntry\x12&\n\x05retry\x18\n \x01(\x0b\x32\x17.ratchet.v1.RetryPolicy\x12/\n\x0cmax_duration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x0c\x10\x1e\"_\n\x0eTriggerRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.ratchet.v1.TriggerOptions\"@\n\x0fTriggerResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.ratchet.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"a\n\x10\x42\x61tchTriggerItem\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.ratchet.v1.TriggerOptions\"B\n\x13\x42\x61tchTriggerRequest\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.ratchet.v1.BatchTriggerItem\"D\n\x14\x42\x61tchTriggerResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.ratchet.v1.TriggerResponse\"\x88\x05\n\x03Run\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.ratchet.v1.RunStatus\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x0e\n\x06output\x18\x06 \x01(\x0c\x12$\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x15.ratchet.v1.ErrorInfo\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x0c\n\x04tags\x18\t \x03(\t\x12/\n\x08metadata\x18\n \x03(\x0b\x32\x1d.ratchet.v1.Run.MetadataEntry\x12\x10\n\x08priority\x18\x0b \x01(\x05\x12\r\n\x05queue\x18\x0c \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\r \x01(\t\x12\x15\n\rparent_run_id\x18\x0e \x01(\t\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06run_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05state\x18\x13 \x01(\x0c\x12&\n\x05retry\x18\x14 \x01(\x0b\x32\x17.ratchet.v1.RetryPolicy\x12\x11\n\treplay_of\x18\x15 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x16\x10(\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"O\n\x0eGetRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.ratchet.v1.Run\x12\x1f\n\x05steps\x18\x02 \x03(\x0b\x32\x10.ratchet.v1.Step\"\x9c\x01\n\x0fListRunsRequest\x12\'\n\x08statuses\x18\x01 \x03(\x0e\x32\x15.ratchet.v1.RunStatus\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x0b\n\x03tag\x18\x05 \x01(\t\x12\x15\n\rparent_run_id\x18\x06 \x01(\tJ\x04\x08\x07\x10\x14\"J\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.ratchet.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"1\n\x11\x43\x61ncelRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.ratchet.v1.Run\"6\n\x14\x43ompleteTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"K\n\x15\x43ompleteTokenResponse\x12\x11\n\tcompleted\x18\x01 \x01(\x08\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8f\x01\n\x08RunEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12\x10\n\x08step_key\x18\x06 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"M\n\x14GetRunHistoryRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x15GetRunHistoryResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.ratchet.v1.RunEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x10ReplayRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_scratch\x18\x02 \x01(\x08\"1\n\x11ReplayRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.ratchet.v1.Run\"2\n\x0fRetryRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"0\n\x10RetryRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.ratchet.v1.Run2\xb2\x05\n\nRunService\x12\x42\n\x07Trigger\x12\x1a.ratchet.v1.TriggerRequest\x1a\x1b.ratchet.v1.TriggerResponse\x12Q\n\x0c\x42\x61tchTrigger\x12\x1f.ratchet.v1.BatchTriggerRequest\x1a .ratchet.v1.BatchTriggerResponse\x12?\n\x06GetRun\x12\x19.ratchet.v1.GetRunRequest\x1a\x1a.ratchet.v1.GetRunResponse\x12\x45\n\x08ListRuns\x12\x1b.ratchet.v1.ListRunsRequest\x1a\x1c.ratchet.v1.ListRunsResponse\x12H\n\tCancelRun\x12\x1c.ratchet.v1.CancelRunRequest\x1a\x1d.ratchet.v1.CancelRunResponse\x12T\n\rCompleteToken\x12 .ratchet.v1.CompleteTokenRequest\x1a!.ratchet.v1.CompleteTokenResponse\x12T\n\rGetRunHistory\x12 .ratchet.v1.GetRunHistoryRequest\x1a!.ratchet.v1.GetRunHistoryResponse\x12H\n\tReplayRun\x12\x1c.ratchet.v1.ReplayRunRequest\x1a\x1d.ratchet.v1.ReplayRunResponse\x12\x45\n\x08RetryRun\x12\x1b.ratchet.v1.RetryRunRequest\x1a\x1c.ratchet.v1.RetryRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14ratchet/v1/run.proto\x12\nratchet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17ratchet/v1/common.proto\"\xc7\x03\n\x0eTriggerOptions\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x36\n\x13idempotency_key_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05\x64\x65lay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\r\n\x05queue\x18\x06 \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x07 \x01(\t\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12:\n\x08metadata\x18\t \x03(\x0b\x32(.ratchet.v1.TriggerOptions.MetadataEntry\x12&\n\x05retry\x18\n \x01(\x0b\x32\x17.ratchet.v1.RetryPolicy\x12/\n\x0cmax_duration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x0c\x10\x1e\"_\n\x0eTriggerRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.ratchet.v1.TriggerOptions\"@\n\x0fTriggerResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.ratchet.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"a\n\x10\x42\x61tchTriggerItem\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.ratchet.v1.TriggerOptions\"B\n\x13\x42\x61tchTriggerRequest\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.ratchet.v1.BatchTriggerItem\"D\n\x14\x42\x61tchTriggerResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.ratchet.v1.TriggerResponse\"\xba\x05\n\x03Run\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.ratchet.v1.RunStatus\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x0e\n\x06output\x18\x06 \x01(\x0c\x12$\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x15.ratchet.v1.ErrorInfo\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x0c\n\x04tags\x18\t \x03(\t\x12/\n\x08metadata\x18\n \x03(\x0b\x32\x1d.ratchet.v1.Run.MetadataEntry\x12\x10\n\x08priority\x18\x0b \x01(\x05\x12\r\n\x05queue\x18\x0c \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\r \x01(\t\x12\x15\n\rparent_run_id\x18\x0e \x01(\t\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06run_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05state\x18\x13 \x01(\x0c\x12&\n\x05retry\x18\x14 \x01(\x0b\x32\x17.ratchet.v1.RetryPolicy\x12\x11\n\treplay_of\x18\x15 \x01(\t\x12\x30\n\x0c\x64iscarded_at\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x17\x10(\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"O\n\x0eGetRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.ratchet.v1.Run\x12\x1f\n\x05steps\x18\x02 \x03(\x0b\x32\x10.ratchet.v1.Step\"\xb2\x02\n\x0fListRunsRequest\x12\'\n\x08statuses\x18\x01 \x03(\x0e\x32\x15.ratchet.v1.RunStatus\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x0b\n\x03tag\x18\x05 \x01(\t\x12\x15\n\rparent_run_id\x18\x06 \x01(\t\x12\x12\n\nerror_type\x18\x07 \x01(\t\x12\x31\n\rcreated_after\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11include_discarded\x18\n \x01(\x08J\x04\x08\x0b\x10\x14\"J\n\x10ListRunsResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.ratchet.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"1\n\x11\x43\x61ncelRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.ratchet.v1.Run\"6\n\x14\x43ompleteTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"K\n\x15\x43ompleteTokenResponse\x12\x11\n\tcompleted\x18\x01 \x01(\x08\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8f\x01\n\x08RunEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12\x10\n\x08step_key\x18\x06 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"M\n\x14GetRunHistoryRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x15GetRunHistoryResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.ratchet.v1.RunEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x10ReplayRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_scratch\x18\x02 \x01(\x08\"1\n\x11ReplayRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.ratchet.v1.Run\"2\n\x0fRetryRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"0\n\x10RetryRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.ratchet.v1.Run\"#\n\x11\x44iscardRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"2\n\x12\x44iscardRunResponse\x12\x1c\n\x03run\x18\x01 \x01(\x0b\x32\x0f.ratchet.v1.Run2\xff\x05\n\nRunService\x12\x42\n\x07Trigger\x12\x1a.ratchet.v1.TriggerRequest\x1a\x1b.ratchet.v1.TriggerResponse\x12Q\n\x0c\x42\x61tchTrigger\x12\x1f.ratchet.v1.BatchTriggerRequest\x1a .ratchet.v1.BatchTriggerResponse\x12?\n\x06GetRun\x12\x19.ratchet.v1.GetRunRequest\x1a\x1a.ratchet.v1.GetRunResponse\x12\x45\n\x08ListRuns\x12\x1b.ratchet.v1.ListRunsRequest\x1a\x1c.ratchet.v1.ListRunsResponse\x12H\n\tCancelRun\x12\x1c.ratchet.v1.CancelRunRequest\x1a\x1d.ratchet.v1.CancelRunResponse\x12T\n\rCompleteToken\x12 .ratchet.v1.CompleteTokenRequest\x1a!.ratchet.v1.CompleteTokenResponse\x12T\n\rGetRunHistory\x12 .ratchet.v1.GetRunHistoryRequest\x1a!.ratchet.v1.GetRunHistoryResponse\x12H\n\tReplayRun\x12\x1c.ratchet.v1.ReplayRunRequest\x1a\x1d.ratchet.v1.ReplayRunResponse\x12\x45\n\x08RetryRun\x12\x1b.ratchet.v1.RetryRunRequest\x1a\x1c.ratchet.v1.RetryRunResponse\x12K\n\nDiscardRun\x12\x1d.ratchet.v1.DiscardRunRequest\x1a\x1e.ratchet.v1.DiscardRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,39 +53,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHTRIGGERRESPONSE']._serialized_start=914
   _globals['_BATCHTRIGGERRESPONSE']._serialized_end=982
   _globals['_RUN']._serialized_start=985
-  _globals['_RUN']._serialized_end=1633
+  _globals['_RUN']._serialized_end=1683
   _globals['_RUN_METADATAENTRY']._serialized_start=529
   _globals['_RUN_METADATAENTRY']._serialized_end=576
-  _globals['_GETRUNREQUEST']._serialized_start=1635
-  _globals['_GETRUNREQUEST']._serialized_end=1666
-  _globals['_GETRUNRESPONSE']._serialized_start=1668
-  _globals['_GETRUNRESPONSE']._serialized_end=1747
-  _globals['_LISTRUNSREQUEST']._serialized_start=1750
-  _globals['_LISTRUNSREQUEST']._serialized_end=1906
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1908
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1982
-  _globals['_CANCELRUNREQUEST']._serialized_start=1984
-  _globals['_CANCELRUNREQUEST']._serialized_end=2034
-  _globals['_CANCELRUNRESPONSE']._serialized_start=2036
-  _globals['_CANCELRUNRESPONSE']._serialized_end=2085
-  _globals['_COMPLETETOKENREQUEST']._serialized_start=2087
-  _globals['_COMPLETETOKENREQUEST']._serialized_end=2141
-  _globals['_COMPLETETOKENRESPONSE']._serialized_start=2143
-  _globals['_COMPLETETOKENRESPONSE']._serialized_end=2218
-  _globals['_RUNEVENT']._serialized_start=2221
-  _globals['_RUNEVENT']._serialized_end=2364
-  _globals['_GETRUNHISTORYREQUEST']._serialized_start=2366
-  _globals['_GETRUNHISTORYREQUEST']._serialized_end=2443
-  _globals['_GETRUNHISTORYRESPONSE']._serialized_start=2445
-  _globals['_GETRUNHISTORYRESPONSE']._serialized_end=2531
-  _globals['_REPLAYRUNREQUEST']._serialized_start=2533
-  _globals['_REPLAYRUNREQUEST']._serialized_end=2589
-  _globals['_REPLAYRUNRESPONSE']._serialized_start=2591
-  _globals['_REPLAYRUNRESPONSE']._serialized_end=2640
-  _globals['_RETRYRUNREQUEST']._serialized_start=2642
-  _globals['_RETRYRUNREQUEST']._serialized_end=2692
-  _globals['_RETRYRUNRESPONSE']._serialized_start=2694
-  _globals['_RETRYRUNRESPONSE']._serialized_end=2742
-  _globals['_RUNSERVICE']._serialized_start=2745
-  _globals['_RUNSERVICE']._serialized_end=3435
+  _globals['_GETRUNREQUEST']._serialized_start=1685
+  _globals['_GETRUNREQUEST']._serialized_end=1716
+  _globals['_GETRUNRESPONSE']._serialized_start=1718
+  _globals['_GETRUNRESPONSE']._serialized_end=1797
+  _globals['_LISTRUNSREQUEST']._serialized_start=1800
+  _globals['_LISTRUNSREQUEST']._serialized_end=2106
+  _globals['_LISTRUNSRESPONSE']._serialized_start=2108
+  _globals['_LISTRUNSRESPONSE']._serialized_end=2182
+  _globals['_CANCELRUNREQUEST']._serialized_start=2184
+  _globals['_CANCELRUNREQUEST']._serialized_end=2234
+  _globals['_CANCELRUNRESPONSE']._serialized_start=2236
+  _globals['_CANCELRUNRESPONSE']._serialized_end=2285
+  _globals['_COMPLETETOKENREQUEST']._serialized_start=2287
+  _globals['_COMPLETETOKENREQUEST']._serialized_end=2341
+  _globals['_COMPLETETOKENRESPONSE']._serialized_start=2343
+  _globals['_COMPLETETOKENRESPONSE']._serialized_end=2418
+  _globals['_RUNEVENT']._serialized_start=2421
+  _globals['_RUNEVENT']._serialized_end=2564
+  _globals['_GETRUNHISTORYREQUEST']._serialized_start=2566
+  _globals['_GETRUNHISTORYREQUEST']._serialized_end=2643
+  _globals['_GETRUNHISTORYRESPONSE']._serialized_start=2645
+  _globals['_GETRUNHISTORYRESPONSE']._serialized_end=2731
+  _globals['_REPLAYRUNREQUEST']._serialized_start=2733
+  _globals['_REPLAYRUNREQUEST']._serialized_end=2789
+  _globals['_REPLAYRUNRESPONSE']._serialized_start=2791
+  _globals['_REPLAYRUNRESPONSE']._serialized_end=2840
+  _globals['_RETRYRUNREQUEST']._serialized_start=2842
+  _globals['_RETRYRUNREQUEST']._serialized_end=2892
+  _globals['_RETRYRUNRESPONSE']._serialized_start=2894
+  _globals['_RETRYRUNRESPONSE']._serialized_end=2942
+  _globals['_DISCARDRUNREQUEST']._serialized_start=2944
+  _globals['_DISCARDRUNREQUEST']._serialized_end=2979
+  _globals['_DISCARDRUNRESPONSE']._serialized_start=2981
+  _globals['_DISCARDRUNRESPONSE']._serialized_end=3031
+  _globals['_RUNSERVICE']._serialized_start=3034
+  _globals['_RUNSERVICE']._serialized_end=3801
 # @@protoc_insertion_point(module_scope)

@@ -85,7 +85,7 @@ class BatchTriggerResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[TriggerResponse, _Mapping]]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "task_id", "status", "attempt", "payload", "output", "error", "idempotency_key", "tags", "metadata", "priority", "queue", "concurrency_key", "parent_run_id", "created_at", "started_at", "finished_at", "run_at", "state", "retry", "replay_of")
+    __slots__ = ("id", "task_id", "status", "attempt", "payload", "output", "error", "idempotency_key", "tags", "metadata", "priority", "queue", "concurrency_key", "parent_run_id", "created_at", "started_at", "finished_at", "run_at", "state", "retry", "replay_of", "discarded_at")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class Run(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
     REPLAY_OF_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     task_id: str
     status: _common_pb2.RunStatus
@@ -135,7 +136,8 @@ class Run(_message.Message):
     state: bytes
     retry: _common_pb2.RetryPolicy
     replay_of: str
-    def __init__(self, id: _Optional[str] = ..., task_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.RunStatus, str]] = ..., attempt: _Optional[int] = ..., payload: _Optional[bytes] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., queue: _Optional[str] = ..., concurrency_key: _Optional[str] = ..., parent_run_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[bytes] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., replay_of: _Optional[str] = ...) -> None: ...
+    discarded_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., task_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.RunStatus, str]] = ..., attempt: _Optional[int] = ..., payload: _Optional[bytes] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., queue: _Optional[str] = ..., concurrency_key: _Optional[str] = ..., parent_run_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[bytes] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., replay_of: _Optional[str] = ..., discarded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -152,20 +154,28 @@ class GetRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.Step, _Mapping]]] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
-    __slots__ = ("statuses", "task_id", "page_size", "page_token", "tag", "parent_run_id")
+    __slots__ = ("statuses", "task_id", "page_size", "page_token", "tag", "parent_run_id", "error_type", "created_after", "created_before", "include_discarded")
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     PARENT_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_DISCARDED_FIELD_NUMBER: _ClassVar[int]
     statuses: _containers.RepeatedScalarFieldContainer[_common_pb2.RunStatus]
     task_id: str
     page_size: int
     page_token: str
     tag: str
     parent_run_id: str
-    def __init__(self, statuses: _Optional[_Iterable[_Union[_common_pb2.RunStatus, str]]] = ..., task_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., tag: _Optional[str] = ..., parent_run_id: _Optional[str] = ...) -> None: ...
+    error_type: str
+    created_after: _timestamp_pb2.Timestamp
+    created_before: _timestamp_pb2.Timestamp
+    include_discarded: bool
+    def __init__(self, statuses: _Optional[_Iterable[_Union[_common_pb2.RunStatus, str]]] = ..., task_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., tag: _Optional[str] = ..., parent_run_id: _Optional[str] = ..., error_type: _Optional[str] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., include_discarded: _Optional[bool] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs", "next_page_token")
@@ -266,6 +276,18 @@ class RetryRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class RetryRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: Run
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
+
+class DiscardRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class DiscardRunResponse(_message.Message):
     __slots__ = ("run",)
     RUN_FIELD_NUMBER: _ClassVar[int]
     run: Run

@@ -80,6 +80,11 @@ class RunServiceStub:
                 request_serializer=ratchet_dot_v1_dot_run__pb2.RetryRunRequest.SerializeToString,
                 response_deserializer=ratchet_dot_v1_dot_run__pb2.RetryRunResponse.FromString,
                 _registered_method=True)
+        self.DiscardRun = channel.unary_unary(
+                '/ratchet.v1.RunService/DiscardRun',
+                request_serializer=ratchet_dot_v1_dot_run__pb2.DiscardRunRequest.SerializeToString,
+                response_deserializer=ratchet_dot_v1_dot_run__pb2.DiscardRunResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -163,6 +168,14 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DiscardRun(self, request, context):
+        """DiscardRun hides a final run from listings (its data and history stay
+        until retention removes them). FAILED_PRECONDITION for a run not final.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -210,6 +223,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.RetryRun,
                     request_deserializer=ratchet_dot_v1_dot_run__pb2.RetryRunRequest.FromString,
                     response_serializer=ratchet_dot_v1_dot_run__pb2.RetryRunResponse.SerializeToString,
+            ),
+            'DiscardRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscardRun,
+                    request_deserializer=ratchet_dot_v1_dot_run__pb2.DiscardRunRequest.FromString,
+                    response_serializer=ratchet_dot_v1_dot_run__pb2.DiscardRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -456,6 +474,33 @@ class RunService:
             '/ratchet.v1.RunService/RetryRun',
             ratchet_dot_v1_dot_run__pb2.RetryRunRequest.SerializeToString,
             ratchet_dot_v1_dot_run__pb2.RetryRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscardRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratchet.v1.RunService/DiscardRun',
+            ratchet_dot_v1_dot_run__pb2.DiscardRunRequest.SerializeToString,
+            ratchet_dot_v1_dot_run__pb2.DiscardRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

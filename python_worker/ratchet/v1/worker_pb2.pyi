@@ -193,10 +193,12 @@ class Succeeded(_message.Message):
     def __init__(self, output: _Optional[bytes] = ...) -> None: ...
 
 class Failed(_message.Message):
-    __slots__ = ("error",)
+    __slots__ = ("error", "retry_at")
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AT_FIELD_NUMBER: _ClassVar[int]
     error: _common_pb2.ErrorInfo
-    def __init__(self, error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ...) -> None: ...
+    retry_at: _timestamp_pb2.Timestamp
+    def __init__(self, error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., retry_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Suspended(_message.Message):
     __slots__ = ("step_keys",)

@@ -39,6 +39,7 @@ METHOD_ROLES: dict[str, frozenset[model.Role]] = {
     "/ratchet.v1.RunService/GetRunHistory": _CLIENT,
     "/ratchet.v1.RunService/ReplayRun": _CLIENT,
     "/ratchet.v1.RunService/RetryRun": _CLIENT,
+    "/ratchet.v1.RunService/DiscardRun": _CLIENT,
     "/ratchet.v1.SystemService/GetVersion": _ANY,
 }
 

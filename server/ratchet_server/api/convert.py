@@ -102,7 +102,8 @@ def run_to_pb(run: model.Run) -> run_pb2.Run:
         parent_run_id=run.parent_run_id or "", created_at=ts(run.created_at),
         started_at=ts(run.started_at), finished_at=ts(run.finished_at),
         run_at=ts(run.run_at) if run.status is model.RunStatus.QUEUED else None,
-        state=_utf8(run.state), retry=retry_to_pb(run.retry), replay_of=run.replay_of or "")
+        state=_utf8(run.state), retry=retry_to_pb(run.retry), replay_of=run.replay_of or "",
+        discarded_at=ts(run.discarded_at))
 
 
 def event_to_pb(event: dict[str, Any]) -> run_pb2.RunEvent:

@@ -80,7 +80,13 @@ class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
             raise errors.InvalidArgument("unknown run status in filter") from None
         flt = model.RunFilter(env=auth.principal().env, statuses=statuses,
                               task_id=request.task_id or None, tag=request.tag or None,
-                              parent_run_id=request.parent_run_id or None)
+                              parent_run_id=request.parent_run_id or None,
+                              error_type=request.error_type or None,
+                              created_after=convert.from_ts(request.created_after,
+                                                            request.HasField("created_after")),
+                              created_before=convert.from_ts(request.created_before,
+                                                             request.HasField("created_before")),
+                              include_discarded=request.include_discarded)
         runs, token = await self._engine.list_runs(flt, request.page_size, request.page_token)
         return run_pb2.ListRunsResponse(runs=[convert.run_to_pb(r) for r in runs],
                                         next_page_token=token)
@@ -108,6 +114,11 @@ class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
         run = await self._engine.retry_with_payload(auth.principal().env, request.run_id,
                                                     request.payload)
         return run_pb2.RetryRunResponse(run=convert.run_to_pb(run))
+
+    @_unary
+    async def DiscardRun(self, request: Any, context: Any) -> run_pb2.DiscardRunResponse:
+        run = await self._engine.discard(auth.principal().env, request.run_id)
+        return run_pb2.DiscardRunResponse(run=convert.run_to_pb(run))
 
     @_unary
     async def CompleteToken(self, request: Any, context: Any) -> run_pb2.CompleteTokenResponse:
@@ -276,7 +287,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
         elif outcome == "failed":
             await self._engine.complete_failure(
                 session, run_id=c.run_id, lease_id=c.lease_id,
-                error=convert.error_from_pb(c.failed.error), state=state)
+                error=convert.error_from_pb(c.failed.error), state=state,
+                retry_at=convert.from_ts(c.failed.retry_at, c.failed.HasField("retry_at")))
         elif outcome == "suspended":
             await self._engine.complete_suspended(
                 session, run_id=c.run_id, lease_id=c.lease_id,

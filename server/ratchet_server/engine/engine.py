@@ -53,6 +53,11 @@ class EngineConfig:
     # The timer loop ticks every min(timer_interval, reap_interval, lease_ttl / 4).
     reap_interval: float = 1.0
     timer_interval: float = 0.25
+    # Finished runs (with their steps and history) are deleted after this
+    # long, in batches of `retention_batch`; None keeps them for ever.
+    retention: float | None = 30 * 24 * 3600.0
+    retention_batch: int = 500
+    retention_interval: float = 60.0
     max_write_batch: int = 512
     write_concurrency: int = 2
 
@@ -138,7 +143,8 @@ class Engine:
     async def start(self) -> None:
         await self.store.listen(lambda env: self._wake.set())
         for name, coro in (("dispatcher", self._dispatch_loop()),
-                           ("writer", self._write_loop()), ("timers", self._timer_loop())):
+                           ("writer", self._write_loop()), ("timers", self._timer_loop()),
+                           ("retention", self._retention_loop())):
             self._loops.append(asyncio.create_task(coro, name=f"ratchet-{name}"))
 
     async def stop(self) -> None:
@@ -315,6 +321,17 @@ class Engine:
             raise errors.FailedPrecondition(f"run {run_id!r} changed meanwhile; try again")
         self._wake.set()
         return replayed
+
+    async def discard(self, env: str, run_id: str) -> model.Run:
+        """Hide a final run from listings; its data stays until retention."""
+        run = await self.store.discard_run(env, run_id)
+        if run is None:
+            existing = await self.store.get_run(env, run_id)
+            if existing is None:
+                raise errors.NotFound(f"run {run_id!r} not found")
+            raise errors.FailedPrecondition(
+                f"run {run_id!r} is {existing.status.value}: only a final run can be discarded")
+        return run
 
     async def retry_with_payload(self, env: str, run_id: str, payload: bytes) -> model.Run:
         """A new run of the same task with a corrected payload, linked to the old one."""
@@ -565,13 +582,14 @@ class Engine:
 
     async def complete_failure(
         self, session: Session, *, run_id: str, lease_id: str, error: model.ErrorInfo,
-        state: bytes | None,
+        state: bytes | None, retry_at: float | None = None,
     ) -> None:
         ref = await self.store.get_lease(run_id, lease_id)
         if ref is None:
             await self._check_already_finished(session, run_id, lease_id, model.RunStatus.FAILED)
             return
-        write = self._failure_transition(ref, error, state=self._state(state), immediate=False)
+        write = self._failure_transition(ref, error, state=self._state(state), immediate=False,
+                                         retry_at=retry_at)
         await self._finish(session, write, write.status)
 
     async def release(self, session: Session, *, run_id: str, lease_id: str) -> None:
@@ -607,13 +625,16 @@ class Engine:
 
     def _failure_transition(
         self, ref: model.LeaseRef, error: model.ErrorInfo, *, state: str | None,
-        immediate: bool,
+        immediate: bool, retry_at: float | None = None,
     ) -> model.RunTransition:
-        """Apply the run's retry policy to a failed attempt (DESIGN §7)."""
+        """Apply the run's retry policy to a failed attempt (DESIGN §7). A
+        `retry_at` from the worker (catch_error) replaces the policy's backoff."""
         now = time.time()
         error = dataclasses.replace(error, attempt=error.attempt or ref.attempt)
         if not error.non_retryable and ref.retry.allows_another(ref.attempt):
             delay = 0.0 if immediate else ref.retry.delay_after(ref.attempt)
+            if retry_at is not None:
+                delay = max(0.0, retry_at - now)
             return model.RunTransition(
                 run_id=ref.run_id, lease_id=ref.lease_id, status=model.RunStatus.QUEUED,
                 error=error, state=state, run_at=now + delay,
@@ -761,6 +782,21 @@ class Engine:
                     next_due = due
         return more, next_due
 
+    async def _retention_loop(self) -> None:
+        """Delete finished runs past the retention period, in small batches."""
+        if self.config.retention is None:
+            return
+        while True:
+            try:
+                deleted = await self._retention_loop_body()
+                if deleted:
+                    log.info("retention: deleted %d finished run(s)", deleted)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("retention failed; retrying")
+            await asyncio.sleep(self.config.retention_interval)
+
     async def _timer_loop(self) -> None:
         """Every due time that needs an action goes through here: lease
         expiry, sleeps, token timeouts, TTL, max duration, and child-run waits
@@ -790,6 +826,18 @@ class Engine:
                 raise
             except Exception:
                 log.exception("timers failed; retrying")
+
+
+    async def _retention_loop_body(self) -> int:
+        assert self.config.retention is not None
+        cutoff = time.time() - self.config.retention
+        deleted = 0
+        while True:
+            n = await self.store.delete_finished(cutoff, self.config.retention_batch)
+            deleted += n
+            if n < self.config.retention_batch:
+                return deleted
+            await asyncio.sleep(0)  # small batches: let other work in between
 
 
 def check_slots(slots: int) -> None:

@@ -140,6 +140,7 @@ def run_from_row(row: Row) -> model.Run:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         replay_of=row["replay_of"],
+        discarded_at=row["discarded_at"],
     )
 
 
@@ -480,6 +481,29 @@ LIMIT :limit
 LIST_FILTER_STATUS = "AND status IN {statuses}"
 LIST_FILTER_TASK = "AND task_id = :task_id"
 LIST_FILTER_PARENT = "AND parent_run_id = :parent_run_id"
+LIST_FILTER_ERROR_SQLITE = "AND json_extract(error, '$.type') = :error_type"
+LIST_FILTER_ERROR_POSTGRES = "AND CAST(error AS jsonb) ->> 'type' = :error_type"
+LIST_FILTER_AFTER = "AND created_at >= :created_after"
+LIST_FILTER_BEFORE = "AND created_at < :created_before"
+LIST_FILTER_NOT_DISCARDED = "AND discarded_at IS NULL"
+
+DISCARD_RUN = """
+UPDATE runs SET discarded_at = :now, updated_at = :now
+WHERE env = :env AND id = :id
+  AND status IN ('COMPLETED', 'FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
+RETURNING *
+"""
+
+# Retention: finished runs go in small batches (steps and history cascade).
+DELETE_FINISHED = """
+DELETE FROM runs WHERE id IN (
+    SELECT id FROM runs
+    WHERE finished_at < :cutoff
+      AND status IN ('COMPLETED', 'FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
+    ORDER BY finished_at
+    LIMIT :limit
+)
+"""
 LIST_FILTER_TAG_SQLITE = "AND EXISTS (SELECT 1 FROM json_each(runs.tags) WHERE value = :tag)"
 LIST_FILTER_TAG_POSTGRES = "AND CAST(runs.tags AS jsonb) ? :tag"
 LIST_FILTER_CURSOR = "AND (created_at < :c_at OR (created_at = :c_at AND id < :c_id))"
@@ -919,6 +943,18 @@ def list_runs_txn(
     if flt.parent_run_id:
         filters.append(LIST_FILTER_PARENT)
         params["parent_run_id"] = flt.parent_run_id
+    if flt.error_type:
+        filters.append(LIST_FILTER_ERROR_POSTGRES if d.name == "postgres"
+                       else LIST_FILTER_ERROR_SQLITE)
+        params["error_type"] = flt.error_type
+    if flt.created_after is not None:
+        filters.append(LIST_FILTER_AFTER)
+        params["created_after"] = flt.created_after
+    if flt.created_before is not None:
+        filters.append(LIST_FILTER_BEFORE)
+        params["created_before"] = flt.created_before
+    if not flt.include_discarded:
+        filters.append(LIST_FILTER_NOT_DISCARDED)
     if flt.tag:
         filters.append(LIST_FILTER_TAG_POSTGRES if d.name == "postgres"
                        else LIST_FILTER_TAG_SQLITE)

@@ -61,6 +61,8 @@ class Store(Protocol):
         self, run_id: str, after: int, limit: int
     ) -> list[dict[str, Any]]: ...
     async def append_events(self, events: Sequence[model.Event]) -> None: ...
+    async def discard_run(self, env: str, run_id: str) -> model.Run | None: ...
+    async def delete_finished(self, cutoff: float, limit: int) -> int: ...
     async def replay_run(self, env: str, run_id: str, retry: Retry) -> model.Run | None: ...
     async def list_runs(
         self, flt: model.RunFilter, limit: int, cursor: tuple[float, str] | None
@@ -258,6 +260,27 @@ class SqlStore(abc.ABC):
 
     async def append_events(self, events: Sequence[model.Event]) -> None:
         await self._run(lambda c: _sql.insert_events_txn(c, self.dialect, events))
+
+    async def discard_run(self, env: str, run_id: str) -> model.Run | None:
+        def txn(conn: Any) -> model.Run | None:
+            now = time.time()
+            row = conn.execute(self.dialect.sql(_sql.DISCARD_RUN),
+                               {"env": env, "id": run_id, "now": now}).fetchone()
+            if row is None:
+                return None
+            _sql.insert_events_txn(conn, self.dialect, [model.Event(
+                run_id=run_id, type=model.EventType.DISCARDED, at=now)])
+            return _sql.run_from_row(row)
+
+        return await self._run(txn)
+
+    async def delete_finished(self, cutoff: float, limit: int) -> int:
+        def txn(conn: Any) -> int:
+            cur = conn.execute(self.dialect.sql(_sql.DELETE_FINISHED),
+                               {"cutoff": cutoff, "limit": limit})
+            return int(cur.rowcount)
+
+        return await self._run(txn)
 
     async def replay_run(self, env: str, run_id: str, retry: Retry) -> model.Run | None:
         def txn(conn: Any) -> model.Run | None:
