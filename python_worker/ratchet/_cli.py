@@ -410,10 +410,13 @@ def render_run(run: Run) -> str:
         total = (run.finished_at - run.started_at).total_seconds()
     lines = [f"{run.id}  {run.task_id}  {run.status.value}  attempt {run.attempt}  "
              f"{_ms(total)}"]
+    failed_key = run.error.step_key if run.error is not None else ""
     for i, step in enumerate(run.steps):
         branch = "└─" if i == len(run.steps) - 1 else "├─"
         tries = f"{step.attempts} attempt" + ("s" if step.attempts != 1 else "")
-        line = f"{branch} {step.key:<20} {step.status:<10} {tries:<11} {_ms(step.duration)}"
+        mark = "✗" if step.status == "FAILED" or step.key == failed_key else " "
+        line = (f"{branch}{mark}{step.key:<20} {step.status:<10} {tries:<11} "
+                f"{_ms(step.duration)}")
         if step.error is not None:
             label = "last error" if step.status == "COMPLETED" else "error"
             line += f"  {label}: {step.error.type}: {step.error.message}"
@@ -423,4 +426,8 @@ def render_run(run: Run) -> str:
     if run.error is not None:
         where = f" in step {run.error.step_key}" if run.error.step_key else ""
         lines.append(f"error{where}: {run.error.type}: {run.error.message}")
+        if run.status is RunStatus.FAILED and run.error.stack:
+            lines.append("  " + run.error.stack.rstrip().splitlines()[-1])
+            lines.append(f"  (attempt {run.attempt}; `ratchet runs history {run.id}` shows "
+                         f"every try, `ratchet runs replay {run.id}` tries again)")
     return "\n".join(lines)
