@@ -23,7 +23,7 @@ async def test_fix_and_replay_from_the_last_checkpoint(cluster: Cluster, tmp_pat
     assert failed.error is not None and failed.error.step_key == "three"
     shown = await run_cli_async("runs", "show", run.id, env=cluster.cli_env())
     assert "error in step three: KeyError" in shown.stdout
-    [three] = [line for line in shown.stdout.splitlines() if " three " in line]
+    [three] = [line for line in shown.stdout.splitlines() if line.startswith("└─")]
     assert "✗" in three and "2 attempts" in three and "KeyError" in three
 
     broken.terminate()
