@@ -166,6 +166,10 @@ class Context:
         # A FAILED one failed in an earlier run attempt: it gets a fresh budget.
         running = record is not None and record.status == common_pb2.STEP_STATUS_RUNNING
         base = record.retry_base if running and record is not None else attempts
+        if running and record is not None and record.HasField("wake_at"):
+            # Resumed during a backoff: the next attempt is not due yet, maybe.
+            await self._wait_for_retry(key, record.wake_at.ToNanoseconds() / 1e9,
+                                       executing=False)
         with self._executing():
             value = await self._attempts(key, fn, args, kwargs, policy, attempts, base, decode)
         return typing.cast(T, value)
@@ -211,7 +215,7 @@ class Context:
                 await self._checkpoint(
                     key, worker_pb2.STEP_EVENT_RETRYING, attempt, base, started, finished,
                     error=error_to_pb(error), retry_at=finished + delay)
-                await asyncio.sleep(delay)
+                await self._wait_for_retry(key, finished + delay)
                 continue
             finally:
                 _current_step.reset(token)
@@ -377,6 +381,21 @@ class Context:
             await self._checkpoint(key, worker_pb2.STEP_EVENT_COMPLETED, 1, 0, now, now,
                                    output=to_json(value), kind=common_pb2.STEP_KIND_VALUE)
         return value
+
+    async def _wait_for_retry(self, key: str, due: float, *, executing: bool = True) -> None:
+        """Wait for a step's next attempt: in process when it is soon, else
+        suspend the run (the timer wakes it when due; the step stays RUNNING)."""
+        remaining = due - time.time()
+        if remaining <= self._sleep_threshold:
+            await asyncio.sleep(max(0.0, remaining))
+            return
+        if executing:
+            self._active -= 1  # this branch now waits durably
+        try:
+            await self._block(key)
+        finally:
+            if executing:
+                self._active += 1
 
     # --- suspension -------------------------------------------------------------------
 

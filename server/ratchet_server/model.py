@@ -83,6 +83,7 @@ class EventType(enum.StrEnum):
     TIMED_OUT = "timed_out"
     CHILDREN_TRIGGERED = "children_triggered"
     REPLAYED = "replayed"
+    RETRY_DUE = "retry_due"
     DISCARDED = "discarded"
 
 

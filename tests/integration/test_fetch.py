@@ -158,3 +158,26 @@ async def test_fragile_api_example(cluster: Cluster) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def test_a_long_retry_after_suspends_the_run(
+    cluster: Cluster, api: ScriptedApi, tmp_path: Path
+) -> None:
+    """Retry-After beyond the worker's sleep threshold (5 s) frees the slot."""
+    api.scripts["/slow"] = [(503, {"Retry-After": "8"}), (200, {})]
+    w = cluster.start_worker(slots=1)
+    await cluster.wait_worker_connected(w)
+    client = cluster.client()
+    run = await client.trigger("fetcher", {"url": f"{api.base}/slow"})
+
+    async def waiting() -> bool:
+        return (await client.get(run.id)).status == "WAITING"
+
+    await eventually(waiting, what="the run to suspend between retries")
+    other = await client.trigger("busy", {"dir": str(tmp_path)})
+    assert (await client.wait(other.id, timeout=20)).status == "COMPLETED"
+    final = await client.get((await client.wait(run.id, timeout=60)).id)
+    assert final.status == "COMPLETED" and final.attempt == 1
+    assert final.steps[0].attempts == 2
+    first, second = api.requests["/slow"]
+    assert second - first >= 8.0

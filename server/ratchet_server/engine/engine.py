@@ -499,8 +499,11 @@ class Engine:
             started_at=started_at,
             finished_at=finished_at if status is not model.StepStatus.RUNNING else None,
             state=self._state(state),
-            wake_at=(wake_at if status is model.StepStatus.RUNNING
-                     and kind in (model.StepKind.SLEEP, model.StepKind.TOKEN) else None),
+            # A wait's end, or when a retrying step's next attempt is due (the
+            # timer wakes a run that suspended between retries).
+            wake_at=(wake_at if status is model.StepStatus.RUNNING and (
+                kind in (model.StepKind.SLEEP, model.StepKind.TOKEN)
+                or event is model.StepEvent.RETRYING) else None),
             token_id=token_id or None,
             events=() if event_type is None else (model.Event(
                 run_id=run_id, type=event_type, at=time.time(),

@@ -361,10 +361,12 @@ WHERE id = :run_id AND status = 'WAITING'
 # Waits that end by themselves: a sleep completes, a token times out.
 FIRE_TIMERS = """
 UPDATE steps SET
-    status = CASE WHEN kind = 'token' THEN 'FAILED' ELSE 'COMPLETED' END,
-    output = CASE WHEN kind = 'token' THEN NULL ELSE 'null' END,
+    status = CASE kind WHEN 'token' THEN 'FAILED' WHEN 'sleep' THEN 'COMPLETED' ELSE status END,
+    output = CASE kind WHEN 'token' THEN NULL WHEN 'sleep' THEN 'null' ELSE output END,
     error = CASE WHEN kind = 'token' THEN :timeout_error ELSE error END,
-    finished_at = :now
+    finished_at = CASE WHEN kind IN ('token', 'sleep') THEN :now ELSE finished_at END,
+    -- A retrying step's next attempt is due: it stays RUNNING, its run wakes.
+    wake_at = CASE WHEN kind IN ('token', 'sleep') THEN wake_at ELSE NULL END
 WHERE (run_id, key) IN (
     SELECT run_id, key FROM steps
     WHERE status = 'RUNNING' AND wake_at <= :now
@@ -836,8 +838,9 @@ def fire_timers_txn(conn: Connection, d: Dialect, now: float,
     rows = conn.execute(d.sql(FIRE_TIMERS, skip_locked=d.skip_locked),
                         {"now": now, "limit": limit, "timeout_error": timeout}).fetchall()
     fired = [(r["run_id"], r["key"]) for r in rows]
-    events = [model.Event(run_id=run_id, type=model.EventType.WAIT_COMPLETED, at=now,
-                          step_key=key) for run_id, key in fired]
+    events = [model.Event(run_id=r["run_id"], type=model.EventType.WAIT_COMPLETED
+                          if r["kind"] != "run" else model.EventType.RETRY_DUE, at=now,
+                          step_key=r["key"]) for r in rows]
     for run_id in dict.fromkeys(run_id for run_id, _ in fired):
         if conn.execute(d.sql(WAKE_RUN), {"run_id": run_id, "now": now}).rowcount == 1:
             events.append(model.Event(run_id=run_id, type=model.EventType.RESUMED, at=now))
