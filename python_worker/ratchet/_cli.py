@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "or every run matching the filters)")
     p.add_argument("run_id", nargs="?")
     p.add_argument("--from-scratch", action="store_true", help="a new run, same payload")
-    p.add_argument("--status", action="append", default=[])
+    p.add_argument("--status", action="append", default=[],
+                   help="with no RUN: runs in this status (default FAILED)")
     p.add_argument("--task", default=None)
     p.add_argument("--tag", default=None)
     _client_args(p)
@@ -354,6 +355,8 @@ async def _replay(client: Client, args: argparse.Namespace) -> None:
         return
     if not (args.status or args.task or args.tag):
         raise CLIError("name a run, or select runs with --status, --task or --tag")
+    if not args.status:
+        args.status = ["FAILED"]  # a bulk replay is about failed runs unless told otherwise
     selected: list[str] = []
     token = ""
     while True:

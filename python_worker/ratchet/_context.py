@@ -212,9 +212,12 @@ class Context:
                     delay = min(policy.max_delay, float(retry_after))
                 self.logger.warning("step %s attempt %d failed (%s); retrying in %.2fs",
                                     key, attempt, error.type, delay)
+                # The due time goes to the coordinator only when the run will
+                # suspend for it; a short wait stays in this process.
+                long_wait = delay > self._sleep_threshold
                 await self._checkpoint(
                     key, worker_pb2.STEP_EVENT_RETRYING, attempt, base, started, finished,
-                    error=error_to_pb(error), retry_at=finished + delay)
+                    error=error_to_pb(error), retry_at=finished + delay if long_wait else None)
                 await self._wait_for_retry(key, finished + delay)
                 continue
             finally:

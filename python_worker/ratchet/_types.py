@@ -158,8 +158,10 @@ class Decision:
 
     @classmethod
     def retry_at(cls, when: dt.datetime | float) -> Decision:
-        """At an aware datetime, or after `when` seconds."""
+        """At a datetime (naive means UTC), or after `when` seconds."""
         if isinstance(when, dt.datetime):
+            if when.tzinfo is None:  # naive means UTC, as for ctx.sleep_until
+                when = when.replace(tzinfo=dt.UTC)
             return cls("retry", at=when.timestamp())
         return cls("retry_in", at=float(when))
 

@@ -88,7 +88,8 @@ async def fetch(
                          body=body, non_retryable=not retryable,
                          retry_after=_retry_after(response.headers.get("retry-after")))
 
-    return await ctx.step(name or f"{method} {url}", attempt, retry=policy)
+    step_name = name or f"{method} {url}".replace("#", "%23")  # '#' marks repeats
+    return await ctx.step(step_name, attempt, retry=policy)
 
 
 def _retry_after(value: str | None) -> float | None:

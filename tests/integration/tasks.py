@@ -334,3 +334,25 @@ async def catcher(ctx: ratchet.Context, payload: dict[str, Any]) -> int:
     if n < 2:
         raise RuntimeError(f"failure {n}")
     return n
+
+
+class Flop(Exception):
+    retry_after = 6.0  # longer than the worker's 5 s sleep threshold
+
+
+@ratchet.task(id="retry-beside-work")
+async def retry_beside_work(ctx: ratchet.Context, payload: dict[str, Any]) -> list[Any]:
+    """One branch waits 6 s for a step retry while the other works for 8 s: the
+    retry falls due before the run can suspend, and must not strand it."""
+    import asyncio
+
+    def flaky() -> str:
+        if mark(payload["dir"], "flaky") == 1:
+            raise Flop("try again later")
+        return "ok"
+
+    return list(await asyncio.gather(
+        ctx.step("flaky", flaky, retry=ratchet.Retry(max_attempts=3, min_delay=0.1,
+                                                      max_delay=30.0)),
+        ctx.step("work", time.sleep, 8),
+    ))

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import ratchet
 from tests.harness import ROOT, Cluster, count_lines, eventually
 
 pytestmark = pytest.mark.timeout(120)
@@ -105,7 +106,10 @@ async def test_sigkill_between_retries_never_exceeds_max_attempts(
     a = cluster.start_worker(slots=1)
     await cluster.wait_worker_connected(a)
     client = cluster.client()
-    run = await client.trigger("fetcher", {"url": f"{api.base}/down", "attempts": 3})
+    # Two run attempts: the kill costs the first; the second must continue the
+    # step's count (attempts 2 and 3), not start a fresh budget of three.
+    run = await client.trigger("fetcher", {"url": f"{api.base}/down", "attempts": 3},
+                               retry=ratchet.Retry(max_attempts=2, min_delay=0.05))
     await eventually(lambda: len(api.requests.get("/down", [])) == 1,
                      what="the first attempt")
     await eventually(lambda: "retrying in" in a.output(), what="the wait between retries")
@@ -113,9 +117,9 @@ async def test_sigkill_between_retries_never_exceeds_max_attempts(
     b = cluster.start_worker(slots=1)
     await cluster.wait_worker_connected(b)
     final = await client.get((await client.wait(run.id, timeout=60)).id)
-    assert final.status == "FAILED"
-    assert len(api.requests["/down"]) <= 3
-    assert final.steps[0].attempts == len(api.requests["/down"])
+    assert final.status == "FAILED" and final.attempt == 2
+    assert len(api.requests["/down"]) == 3  # a fresh budget would have made it 4
+    assert final.steps[0].attempts == 3 and final.steps[0].status == "FAILED"
 
 
 async def test_on_failure_runs_once_and_only_for_failed_runs(

@@ -195,3 +195,15 @@ async def test_higher_priority_runs_start_first(cluster: Cluster, tmp_path: Path
     done = [await client.wait(r.id, timeout=30) for r in (*low, high)]
     started = sorted(done, key=lambda r: r.started_at or r.created_at)
     assert started[0].id == high.id
+
+
+async def test_a_retry_due_while_running_does_not_strand_the_run(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    worker = cluster.start_worker(slots=1)
+    await cluster.wait_worker_connected(worker)
+    client = cluster.client()
+    run = await client.trigger("retry-beside-work", {"dir": str(tmp_path)})
+    final = await client.wait(run.id, timeout=40)
+    assert final.status == "COMPLETED" and final.output == ["ok", None]
+    assert count_lines(tmp_path / "flaky") == 2

@@ -348,7 +348,10 @@ REQUEUE_IF_WOKEN = """
 UPDATE runs SET status = 'QUEUED', run_at = :now, waiting_on = NULL, updated_at = :now
 WHERE id = :run_id AND status = 'WAITING' AND EXISTS (
     SELECT 1 FROM steps
-    WHERE steps.run_id = runs.id AND steps.status <> 'RUNNING' AND steps.key IN {waiting}
+    WHERE steps.run_id = runs.id AND steps.key IN {waiting}
+      AND (steps.status <> 'RUNNING'
+           -- a retrying step whose next attempt is already due
+           OR (steps.kind = 'run' AND (steps.wake_at IS NULL OR steps.wake_at <= :now)))
 )
 """
 
@@ -467,6 +470,7 @@ SELECT * FROM run_events WHERE run_id = :run_id AND id > :after ORDER BY id LIMI
 # A person gives a final run that did not complete a new attempt.
 REPLAY_RUN = """
 UPDATE runs SET status = 'QUEUED', run_at = :now, finished_at = NULL, retry = :retry,
+                discarded_at = NULL,
                 lease_owner = NULL, lease_expires_at = NULL, waiting_on = NULL,
                 deadline_at = NULL, expire_at = NULL, updated_at = :now
 WHERE env = :env AND id = :id AND status IN ('FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
