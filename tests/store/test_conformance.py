@@ -728,3 +728,16 @@ async def test_retention_deletes_finished_runs_in_batches(store: Store) -> None:
         assert await store.get_run(ENV, leased.run.id) is None
         assert await store.get_events(leased.run.id) == []
     assert await store.get_run(ENV, waiting.id) is not None  # unfinished runs stay
+
+
+async def test_retention_keeps_children_of_unfinished_parents(store: Store) -> None:
+    await create(store, new_run())
+    parent = await lease_one(store)
+    [child_id] = await store.create_children(
+        parent=parent.id, lease_id=str(parent.lease_id), step_key="kid",
+        children=[dataclasses.replace(new_run("child"), parent_run_id=parent.id,
+                                      parent_step_key="kid", child_index=0)],
+        wait=True) or []
+    assert await store.cancel_run(ENV, child_id) is not None  # final
+    assert await store.delete_finished(time.time() + 1, 10) == 0  # the parent still runs
+    assert await store.get_run(ENV, child_id) is not None

@@ -506,6 +506,10 @@ DELETE FROM runs WHERE id IN (
     SELECT id FROM runs
     WHERE finished_at < :cutoff
       AND status IN ('COMPLETED', 'FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
+      -- a child stays while its parent may still collect its result
+      AND NOT EXISTS (SELECT 1 FROM runs AS parent
+                      WHERE parent.id = runs.parent_run_id
+                        AND parent.status IN ('QUEUED', 'RUNNING', 'WAITING'))
     ORDER BY finished_at
     LIMIT :limit
 )
