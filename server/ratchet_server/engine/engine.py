@@ -22,6 +22,7 @@ import json
 import logging
 import secrets
 import time
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -257,11 +258,7 @@ class Engine:
     async def cancel(self, env: str, run_id: str, reason: str = "") -> model.Run:
         run = await self.store.cancel_run(env, run_id)
         if run is None:
-            existing = await self.store.get_run(env, run_id)
-            if existing is None:
-                raise errors.NotFound(f"run {run_id!r} not found")
-            raise errors.FailedPrecondition(
-                f"run {run_id!r} is already {existing.status.value}")
+            await self._refuse(env, run_id, "is already {status}")
         if run.lease_id and run.lease_owner:
             self._tell_worker(run.id, run.lease_id, reason or "canceled")
         # Unfinished children go too, and theirs.
@@ -326,12 +323,16 @@ class Engine:
         """Hide a final run from listings; its data stays until retention."""
         run = await self.store.discard_run(env, run_id)
         if run is None:
-            existing = await self.store.get_run(env, run_id)
-            if existing is None:
-                raise errors.NotFound(f"run {run_id!r} not found")
-            raise errors.FailedPrecondition(
-                f"run {run_id!r} is {existing.status.value}: only a final run can be discarded")
+            await self._refuse(env, run_id, "is {status}: only a final run can be discarded")
         return run
+
+    async def _refuse(self, env: str, run_id: str, why: str) -> typing.NoReturn:
+        """An operation changed nothing: NOT_FOUND, or FAILED_PRECONDITION saying why."""
+        existing = await self.store.get_run(env, run_id)
+        if existing is None:
+            raise errors.NotFound(f"run {run_id!r} not found")
+        raise errors.FailedPrecondition(
+            f"run {run_id!r} " + why.format(status=existing.status.value))
 
     async def retry_with_payload(self, env: str, run_id: str, payload: bytes) -> model.Run:
         """A new run of the same task with a corrected payload, linked to the old one."""
