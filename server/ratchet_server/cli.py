@@ -23,10 +23,6 @@ log = logging.getLogger("ratchet.server")
 SWITCH_INTERVAL = 0.0005
 
 
-class ServerCLIError(Exception):
-    pass
-
-
 async def run(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], list[Any]]) -> int:
     try:
         if args.command == "dev":
@@ -34,14 +30,14 @@ async def run(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], li
         if args.command == "server":
             return await _server(args)
         if args.command == "migrate":
-            store = await _open(args.database_url)
+            store = await open_store(args.database_url)
             try:
                 applied = await store.migrate()
             finally:
                 await store.close()
             print("applied: " + ", ".join(applied) if applied else "schema is up to date")
             return 0
-        store = await _open(args.database_url)
+        store = await open_store(args.database_url)
         try:
             await store.migrate()
             key = await create_key(store, args.env, model.Role(args.role), args.name)
@@ -50,20 +46,16 @@ async def run(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], li
         print(key)
         return 0
     except (StoreURLError, StoreUnavailable) as exc:
-        raise ServerCLIErrorAsValue(str(exc)) from None
+        raise ServerCLIError(str(exc)) from None
 
 
-class ServerCLIErrorAsValue(ValueError):
-    """Reported by the CLI as one line."""
-
-
-async def _open(url: str) -> Store:
-    return await open_store(url)
+class ServerCLIError(ValueError):
+    """Reported by the CLI as one line (a ValueError, which the CLI prints)."""
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:
     if args.heartbeat_interval >= args.lease_ttl:
-        raise ServerCLIErrorAsValue("--heartbeat-interval must be shorter than --lease-ttl")
+        raise ServerCLIError("--heartbeat-interval must be shorter than --lease-ttl")
     return EngineConfig(lease_ttl=args.lease_ttl, heartbeat_interval=args.heartbeat_interval,
                         session_grace=args.session_grace,
                         retention=args.retention or None)

@@ -274,8 +274,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
             started_at=convert.from_ts(cp.started_at, cp.HasField("started_at")),
             finished_at=convert.from_ts(cp.finished_at, cp.HasField("finished_at")),
             state=cp.state if cp.HasField("state") else None,
-            wake_at=convert.from_ts(cp.wake_at, cp.HasField("wake_at"))
-            or convert.from_ts(cp.retry_at, cp.HasField("retry_at")),
+            wake_at=convert.from_ts(cp.wake_at, cp.HasField("wake_at")),
+            retry_at=convert.from_ts(cp.retry_at, cp.HasField("retry_at")),
             token_id=cp.token_id or None)
 
     async def _complete(self, session: WorkerSession, c: Any) -> None:

@@ -469,6 +469,7 @@ class Engine:
         state: bytes | None,
         wake_at: float | None = None,
         token_id: str | None = None,
+        retry_at: float | None = None,
     ) -> None:
         """Record a step event; returns once committed. Raises StaleLease."""
         if kind is model.StepKind.TOKEN and event is model.StepEvent.STARTED and not token_id:
@@ -500,11 +501,7 @@ class Engine:
             started_at=started_at,
             finished_at=finished_at if status is not model.StepStatus.RUNNING else None,
             state=self._state(state),
-            # A wait's end, or when a retrying step's next attempt is due (the
-            # timer wakes a run that suspended between retries).
-            wake_at=(wake_at if status is model.StepStatus.RUNNING and (
-                kind in (model.StepKind.SLEEP, model.StepKind.TOKEN)
-                or event is model.StepEvent.RETRYING) else None),
+            wake_at=_wake_at(kind, event, wake_at, retry_at),
             token_id=token_id or None,
             events=() if event_type is None else (model.Event(
                 run_id=run_id, type=event_type, at=time.time(),
@@ -842,6 +839,19 @@ class Engine:
             if n < self.config.retention_batch:
                 return deleted
             await asyncio.sleep(0)  # small batches: let other work in between
+
+
+def _wake_at(kind: model.StepKind, event: model.StepEvent, wake_at: float | None,
+             retry_at: float | None) -> float | None:
+    """When the timers must act on a step: a wait's end (sleep due, token
+    timeout), or a retrying step's next attempt (to wake a run that suspended
+    for its backoff). Nothing for other steps."""
+    if event is model.StepEvent.STARTED and kind in (model.StepKind.SLEEP,
+                                                      model.StepKind.TOKEN):
+        return wake_at
+    if event is model.StepEvent.RETRYING:
+        return retry_at
+    return None
 
 
 def check_slots(slots: int) -> None:
