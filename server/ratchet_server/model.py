@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from ratchet import Retry
 
@@ -85,6 +85,8 @@ class EventType(enum.StrEnum):
     REPLAYED = "replayed"
     RETRY_DUE = "retry_due"
     DISCARDED = "discarded"
+    # The reconciler gave a run that nothing would move again a way on.
+    REPAIRED = "repaired"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -103,6 +105,18 @@ class ApiKey:
     env: str
     role: Role
     name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ApiKeyInfo:
+    """What `ratchet keys list` shows of a key (never the key or its hash)."""
+
+    id: str
+    env: str
+    role: Role
+    name: str
+    created_at: float
+    revoked_at: float | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -227,6 +241,8 @@ class RunFilter:
     created_after: float | None = None
     created_before: float | None = None
     include_discarded: bool = False
+    # Not a filter: leave out payload, output and state (ListRuns summaries).
+    summary: bool = False
 
 
 # Fenced writes. Each names the lease it was made under; the store applies it
@@ -254,6 +270,9 @@ class StepWrite:
     events: tuple[Event, ...]
     wake_at: float | None = None
     token_id: str | None = None
+    # Fences beyond the lease id: the writer's environment and session.
+    env: str | None = None
+    owner: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -277,6 +296,40 @@ class RunTransition:
     # set, only if it is still expired at this time (no heartbeat renewed it).
     expect_owner: str | None = None
     expired_before: float | None = None
+    # The environment the writer belongs to: a lease id alone never crosses
+    # environments.
+    env: str | None = None
+    # A late failure report may land on a run its lease loss already requeued
+    # (QUEUED, same lease id, not leased again): see Engine.complete_failure.
+    expect_status: RunStatus = RunStatus.RUNNING
+    # For WAITING: the engine's rule, checked under the run's row lock right
+    # after the suspension, so a wait that ended first is never missed.
+    wake_rule: WakeRule | None = None
 
 
 FencedWrite = StepWrite | RunTransition
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WaitResolution:
+    """A wait step ends from outside its run's lease (a timer, a token, its
+    children), as the engine decided. Applied only while the step is still
+    RUNNING (and, for a timer, still due at `expect_wake_at`), so whichever of
+    two racing resolutions commits first wins and the other changes nothing."""
+
+    run_id: str
+    key: str
+    status: StepStatus
+    events: tuple[Event, ...]
+    output: str | None = None
+    error: ErrorInfo | None = None
+    finished_at: float | None = None
+    expect_wake_at: float | None = None
+    # A due retry keeps its step RUNNING and only clears the due time.
+    clear_wake_at: bool = False
+
+
+# Whether a WAITING run goes back to the queue: (the step keys it waits on,
+# those steps by key, now) -> bool. The engine's rule, called by the store
+# inside the transaction that holds the run's row lock.
+WakeRule = Callable[[Sequence[str], Mapping[str, Step], float], bool]

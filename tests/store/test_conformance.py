@@ -15,6 +15,7 @@ import pytest
 
 from ratchet import Retry
 from ratchet_server import model
+from ratchet_server.engine import policy, timers
 from ratchet_server.engine.ids import new_id
 from ratchet_server.store import Store
 
@@ -701,11 +702,13 @@ async def test_children_are_created_once_per_step(store: Store) -> None:
     stale = await store.create_children(parent=parent.id, lease_id="stale", step_key="other",
                                         children=[new_run("child")], wait=False)
     assert stale is None
-    # The wait completes once every child is final.
-    assert await store.finish_child_waits(10) == []
+    # The wait is a candidate once every child is final.
+    assert await store.child_wait_candidates(10) == []
     for child_id in first:
         assert await store.cancel_run(ENV, child_id) is not None
-    await store.finish_child_waits(10)
+    [(run_id, key, children)] = await store.child_wait_candidates(10)
+    assert (run_id, key, [c.id for c in children]) == (parent.id, "fan", first)
+    assert await timers.finish_child_waits(store, 10) == 1
     [step] = [s for s in await store.get_steps(parent.id) if s.key == "fan"]
     assert step.status is model.StepStatus.COMPLETED and step.kind is model.StepKind.CHILD
     results = json.loads(str(step.output))
@@ -741,3 +744,70 @@ async def test_retention_keeps_children_of_unfinished_parents(store: Store) -> N
     assert await store.cancel_run(ENV, child_id) is not None  # final
     assert await store.delete_finished(time.time() + 1, 10) == 0  # the parent still runs
     assert await store.get_run(ENV, child_id) is not None
+
+
+# --- waits that end from outside a lease, and the invariant -----------------------
+
+
+async def _suspended_on_token(store: Store) -> tuple[model.Run, model.Step]:
+    [run] = await create(store, new_run())
+    run = await lease_one(store)
+    write = dataclasses.replace(step_write(run, "w", status=model.StepStatus.RUNNING),
+                                kind=model.StepKind.TOKEN, token_id="tok_" + run.id)
+    assert await store.apply([write]) == [True]
+    found = await store.find_token(ENV, "tok_" + run.id)
+    assert found is not None and found[1] is model.RunStatus.RUNNING
+    return run, found[0]
+
+
+async def test_a_wait_resolves_once(store: Store) -> None:
+    run, step = await _suspended_on_token(store)
+    first = policy.token_outcome(step, '"a"', time.time())
+    second = policy.token_outcome(step, '"b"', time.time())
+    assert await store.resolve_waits([first, second], policy.counts_as_woken) == [True, False]
+    [stored] = [s for s in await store.get_steps(run.id) if s.key == "w"]
+    assert stored.status is model.StepStatus.COMPLETED and stored.output == '"a"'
+    # The run was RUNNING, so nothing woke; a suspension now sees the ended wait.
+    assert (await must_get(store, run.id)).status is model.RunStatus.RUNNING
+    suspend = transition(run, model.RunStatus.WAITING, waiting_on=("w",),
+                         wake_rule=policy.counts_as_woken)
+    assert await store.apply([suspend]) == [True]
+    assert (await must_get(store, run.id)).status is model.RunStatus.QUEUED
+    assert (await event_types(store, run.id))[-1] == "resumed"
+
+
+async def test_a_wait_ending_after_the_suspension_wakes_the_run(store: Store) -> None:
+    run, step = await _suspended_on_token(store)
+    suspend = transition(run, model.RunStatus.WAITING, waiting_on=("w",),
+                         wake_rule=policy.counts_as_woken)
+    assert await store.apply([suspend]) == [True]
+    assert (await must_get(store, run.id)).status is model.RunStatus.WAITING
+    assert await timers.find_stuck(store) == []
+    done = policy.token_outcome(step, "1", time.time())
+    assert await store.resolve_waits([done], policy.counts_as_woken) == [True]
+    assert (await must_get(store, run.id)).status is model.RunStatus.QUEUED
+
+
+async def test_a_timer_resolution_is_fenced_by_its_due_time(store: Store) -> None:
+    run, step = await _suspended_on_token(store)
+    late = dataclasses.replace(policy.timer_outcome(step, time.time()), expect_wake_at=123.0)
+    assert await store.resolve_waits([late], policy.counts_as_woken) == [False]
+
+
+async def test_the_invariant_finds_and_repairs_a_stranded_run(store: Store) -> None:
+    run, step = await _suspended_on_token(store)
+    # Strand it the way the old lost wake-up did: WAITING although the wait ended.
+    never = dataclasses.replace(transition(run, model.RunStatus.WAITING, waiting_on=("w",)),
+                                wake_rule=lambda *_: False)
+    assert await store.apply([never]) == [True]
+    assert await store.resolve_waits([policy.token_outcome(step, "1", time.time())],
+                                     lambda *_: False) == [True]
+    [stuck] = await timers.find_stuck(store)
+    assert stuck.run.id == run.id and "wait ended" in stuck.why
+    reconciler = timers.Reconciler(store, settle=0.0)
+    [repaired] = await reconciler.tick()
+    assert repaired.run.id == run.id and reconciler.repaired == 1
+    assert (await must_get(store, run.id)).status is model.RunStatus.QUEUED
+    assert (await event_types(store, run.id))[-1] == "repaired"
+    assert await timers.find_stuck(store) == []
+    assert await reconciler.tick() == []

@@ -28,7 +28,7 @@ from typing import Any
 
 from ratchet import Retry
 from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, model
-from ratchet_server.engine import errors
+from ratchet_server.engine import errors, policy, timers, validate
 from ratchet_server.engine.ids import new_id
 from ratchet_server.engine.schemas import SchemaCache
 from ratchet_server.store import Store
@@ -61,6 +61,10 @@ class EngineConfig:
     retention_interval: float = 60.0
     max_write_batch: int = 512
     write_concurrency: int = 2
+    # The reconciler checks a page of unfinished runs this often, skipping
+    # runs changed in the last `reconcile_settle` seconds (0 disables it).
+    reconcile_interval: float = 5.0
+    reconcile_settle: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,15 +98,26 @@ class CancelPush:
     reason: str
 
 
-Push = LeasePush | CancelPush
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndPush:
+    """End the session's stream: its API key was revoked (engine/keys.py), or
+    this coordinator is shutting down (`Engine.end_sessions`)."""
+
+    reason: str
+    key_revoked: bool = False
+
+
+Push = LeasePush | CancelPush | EndPush
 
 
 class Session:
     """One worker's stream to this coordinator."""
 
-    def __init__(self, env: str, worker_id: str, task_ids: Sequence[str], slots: int) -> None:
+    def __init__(self, env: str, worker_id: str, task_ids: Sequence[str], slots: int,
+                 key_id: str = "") -> None:
         self.id = new_id("ses")
         self.env = env
+        self.key_id = key_id  # the API key that opened it: revoking the key ends it
         self.worker_id = worker_id
         self.task_ids = tuple(sorted(set(task_ids)))
         self.slots = slots
@@ -138,6 +153,9 @@ class Engine:
         self._loops: list[asyncio.Task[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
         self._background: set[asyncio.Task[Any]] = set()
+        self.reconciler = timers.Reconciler(store, settle=self.config.reconcile_settle)
+        # Set by begin_shutdown(): no new leases, and closing sessions keep theirs.
+        self._closing = False
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -145,7 +163,8 @@ class Engine:
         await self.store.listen(lambda env: self._wake.set())
         for name, coro in (("dispatcher", self._dispatch_loop()),
                            ("writer", self._write_loop()), ("timers", self._timer_loop()),
-                           ("retention", self._retention_loop())):
+                           ("retention", self._retention_loop()),
+                           ("reconciler", self._reconcile_loop())):
             self._loops.append(asyncio.create_task(coro, name=f"ratchet-{name}"))
 
     async def stop(self) -> None:
@@ -203,8 +222,7 @@ class Engine:
         return results
 
     async def _new_run(self, env: str, spec: TriggerSpec, now: float) -> model.NewRun:
-        if not spec.task_id:
-            raise errors.InvalidArgument("task_id must not be empty")
+        validate.trigger_spec(spec)
         task = await self._task(env, spec.task_id)
         if task is None:
             raise errors.NotFound(
@@ -213,11 +231,6 @@ class Engine:
         payload = decode_json(spec.payload, "payload", MAX_PAYLOAD_BYTES)
         if task.payload_schema:
             self._schemas.validate(task.id, task.payload_schema, json.loads(payload))
-        if spec.priority and not -1000 <= spec.priority <= 1000:
-            raise errors.InvalidArgument("priority must be between -1000 and 1000")
-        for tag in spec.tags:
-            if not tag or len(tag) > 128:
-                raise errors.InvalidArgument("tags must be 1 to 128 characters")
         key = spec.idempotency_key or None
         return model.NewRun(
             id=new_id("run"),
@@ -247,9 +260,11 @@ class Engine:
     async def list_runs(
         self, flt: model.RunFilter, page_size: int, page_token: str
     ) -> tuple[list[model.Run], str]:
+        validate.run_filter(flt)
         limit = min(max(page_size or 50, 1), 1000)
-        cursor = decode_page_token(page_token)
+        cursor = validate.list_page_token(page_token)
         runs = await self.store.list_runs(flt, limit + 1, cursor)
+        limit = min(limit, validate.fit_page(runs[:limit]))  # the reply stays under 16 MiB
         if len(runs) <= limit:
             return runs, ""
         last = runs[limit - 1]
@@ -287,10 +302,7 @@ class Engine:
         """A run's history, oldest first, a page at a time."""
         if await self.store.get_run(env, run_id) is None:
             raise errors.NotFound(f"run {run_id!r} not found")
-        try:
-            after = int(page_token) if page_token else 0
-        except ValueError:
-            raise errors.InvalidArgument("malformed page_token") from None
+        after = validate.history_page_token(page_token)
         limit = min(max(page_size or 200, 1), 1000)
         events = await self.store.get_events_page(run_id, after, limit + 1)
         if len(events) <= limit:
@@ -368,6 +380,7 @@ class Engine:
         active_lease_ids: Sequence[str],
         *,
         protocol_version: int = PROTOCOL_VERSION,
+        key_id: str = "",
     ) -> tuple[Session, list[str]]:
         """Register the worker's tasks, adopt its surviving leases, start pushing."""
         if protocol_version and protocol_version < MIN_PROTOCOL_VERSION:
@@ -379,7 +392,7 @@ class Engine:
         if len(set(ids)) != len(ids):
             raise errors.InvalidArgument("a task id appears twice in hello")
         await self.register_tasks(tasks)
-        session = Session(env, worker_id, [t.id for t in tasks], slots)
+        session = Session(env, worker_id, [t.id for t in tasks], slots, key_id)
         adopted: list[str] = []
         if active_lease_ids:
             adopted = await self.store.adopt_leases(
@@ -393,9 +406,29 @@ class Engine:
         self._wake.set()
         return session, adopted
 
+    def open_sessions(self) -> list[Session]:
+        """The sessions connected to this coordinator now."""
+        return list(self._sessions.values())
+
+    def begin_shutdown(self) -> None:
+        """This coordinator is stopping: lease nothing more, and leave the
+        leases of the sessions that close to their workers, which reconnect
+        (here after a restart, or to another replica) and adopt them; a lease
+        nobody adopts is lost after the lease TTL, like a crashed coordinator's."""
+        self._closing = True
+
+    def end_sessions(self, reason: str) -> int:
+        """Ask every open session's stream to end (the servicer ends it
+        UNAVAILABLE); how many were open."""
+        sessions = self.open_sessions()
+        for session in sessions:
+            session.outbox.put_nowait(EndPush(reason))
+        return len(sessions)
+
     def close_session(self, session: Session) -> None:
         """The stream ended. Its leases are released after the grace period,
-        unless the worker reconnected and adopted them by then."""
+        unless the worker reconnected and adopted them by then (or this
+        coordinator is shutting down: then they are not released at all)."""
         if session.closed:
             return
         session.closed = True
@@ -403,8 +436,15 @@ class Engine:
         for lease_id in session.active:
             if self._lease_session.get(lease_id) is session:
                 del self._lease_session[lease_id]
-        log.info("session %s closed; its leases are released in %.1fs",
-                 session.id, self.config.session_grace)
+        if self._closing:
+            log.info("session %s closed by the coordinator's shutdown; its %d lease(s) stay "
+                     "with the worker to adopt when it reconnects (lost after the lease TTL, "
+                     "%.0fs, if it does not)", session.id, len(session.active),
+                     self.config.lease_ttl)
+            return
+        log.info("session %s closed; its %d lease(s) are released in %.1fs unless the worker "
+                 "reconnects and adopts them", session.id, len(session.active),
+                 self.config.session_grace)
         # Leases pushed to the session but never sent: the worker never saw
         # them, so they go back without costing an attempt.
         while not session.outbox.empty():
@@ -470,8 +510,14 @@ class Engine:
         wake_at: float | None = None,
         token_id: str | None = None,
         retry_at: float | None = None,
+        wake_after: float | None = None,
+        retry_after: float | None = None,
     ) -> None:
-        """Record a step event; returns once committed. Raises StaleLease."""
+        """Record a step event; returns once committed. Raises StaleLease.
+
+        `wake_after` / `retry_after` are durations: the due time is counted on
+        this coordinator's clock. `wake_at` / `retry_at` (absolute, on the
+        worker's clock) are honoured only from workers that send no duration."""
         if kind is model.StepKind.TOKEN and event is model.StepEvent.STARTED and not token_id:
             raise errors.InvalidArgument("a token step needs a token_id")
         if not key:
@@ -501,8 +547,10 @@ class Engine:
             started_at=started_at,
             finished_at=finished_at if status is not model.StepStatus.RUNNING else None,
             state=self._state(state),
-            wake_at=_wake_at(kind, event, wake_at, retry_at),
+            wake_at=_wake_at(kind, event, _due(wake_after, wake_at),
+                             _due(retry_after, retry_at)),
             token_id=token_id or None,
+            env=session.env, owner=session.id,
             events=() if event_type is None else (model.Event(
                 run_id=run_id, type=event_type, at=time.time(),
                 attempt=attempt, lease_id=lease_id, step_key=key,
@@ -522,7 +570,7 @@ class Engine:
         now = time.time()
         write = model.RunTransition(
             run_id=run_id, lease_id=lease_id, status=model.RunStatus.COMPLETED, output=out,
-            state=self._state(state),
+            state=self._state(state), env=session.env, expect_owner=session.id,
             events=(model.Event(run_id=run_id, type=model.EventType.FINISHED, at=now,
                                 lease_id=lease_id, data=json.dumps({"status": "COMPLETED"})),))
         await self._finish(session, write, model.RunStatus.COMPLETED)
@@ -538,7 +586,8 @@ class Engine:
             run_id=run_id, lease_id=lease_id, status=model.RunStatus.WAITING,
             state=self._state(state), waiting_on=tuple(step_keys),
             # Waiting is not failing: the resume continues the same attempt.
-            refund_attempt=True,
+            refund_attempt=True, env=session.env, expect_owner=session.id,
+            wake_rule=policy.counts_as_woken,
             events=(model.Event(run_id=run_id, type=model.EventType.SUSPENDED, at=time.time(),
                                 lease_id=lease_id,
                                 data=json.dumps({"waiting_on": list(step_keys)})),))
@@ -547,12 +596,24 @@ class Engine:
     async def complete_token(self, env: str, token_id: str, data: bytes) -> tuple[bool, str, str]:
         """Deliver data to a waiting token; (completed, run id, why not)."""
         text = decode_json(data or b"null", "data", MAX_PAYLOAD_BYTES)
-        completed, run_id, message = await self.store.complete_token(env, token_id, text)
-        if run_id is None:
+        found = await self.store.find_token(env, token_id)
+        if found is None:
             raise errors.NotFound(f"token {token_id!r} not found")
-        if completed:
-            self._wake.set()
-        return completed, run_id, message
+        step, run_status = found
+        if run_status.is_final:
+            return False, step.run_id, f"the run is already {run_status.value}; nothing changed"
+        if step.status is model.StepStatus.RUNNING:
+            [done] = await self.store.resolve_waits(
+                [policy.token_outcome(step, text, time.time())], policy.counts_as_woken)
+            if done:
+                self._wake.set()
+                return True, step.run_id, ""
+            # Timed out or completed by someone else meanwhile: say which.
+            found = await self.store.find_token(env, token_id)
+            assert found is not None
+            step = found[0]
+        why = "timed out" if step.status is model.StepStatus.FAILED else "already completed"
+        return False, step.run_id, f"the token was {why}; nothing changed"
 
     async def trigger_children(
         self, session: Session, *, run_id: str, lease_id: str, step_key: str,
@@ -583,23 +644,43 @@ class Engine:
 
     async def complete_failure(
         self, session: Session, *, run_id: str, lease_id: str, error: model.ErrorInfo,
-        state: bytes | None, retry_at: float | None = None,
+        state: bytes | None, retry_at: float | None = None, retry_after: float | None = None,
     ) -> None:
+        """End a failed attempt. `retry_after` (a duration, counted on this
+        coordinator's clock) or, from older workers, `retry_at` (absolute, on
+        the worker's clock) replaces the policy's backoff."""
+        retry_at = _due(retry_after, retry_at)
         ref = await self.store.get_lease(run_id, lease_id)
+        expect = model.RunStatus.RUNNING
         if ref is None:
-            await self._check_already_finished(session, run_id, lease_id, model.RunStatus.FAILED)
-            return
-        write = self._failure_transition(ref, error, state=self._state(state), immediate=False,
-                                         retry_at=retry_at)
+            run = await self.store.get_run(session.env, run_id)
+            if run is None or not policy.lost_before_its_report(run, lease_id):
+                await self._check_already_finished(session, run_id, lease_id,
+                                                   model.RunStatus.FAILED)
+                return
+            # The reaper requeued the run a moment before the worker's own
+            # failure arrived: the worker's error (and its non_retryable flag)
+            # decides, not the guess "lease lost".
+            ref = model.LeaseRef(run_id=run.id, lease_id=lease_id, attempt=run.attempt,
+                                 retry=run.retry, lease_owner=None)
+            expect = model.RunStatus.QUEUED
+        write = dataclasses.replace(
+            self._failure_transition(ref, error, state=self._state(state), immediate=False,
+                                     retry_at=retry_at),
+            env=session.env, expect_status=expect,
+            expect_owner=session.id if expect is model.RunStatus.RUNNING else None)
         await self._finish(session, write, write.status)
 
-    async def release(self, session: Session, *, run_id: str, lease_id: str) -> None:
-        """Give a run back without counting the attempt (a draining worker)."""
+    async def release(self, session: Session, *, run_id: str, lease_id: str,
+                      reason: str = "") -> None:
+        """Give a run back without counting the attempt (a draining worker, or
+        a session whose API key was revoked)."""
         write = model.RunTransition(
             run_id=run_id, lease_id=lease_id, status=model.RunStatus.QUEUED,
-            run_at=time.time(), refund_attempt=True,
+            run_at=time.time(), refund_attempt=True, env=session.env, expect_owner=session.id,
             events=(model.Event(run_id=run_id, type=model.EventType.LEASE_RELEASED,
-                                at=time.time(), lease_id=lease_id),))
+                                at=time.time(), lease_id=lease_id,
+                                data=json.dumps({"reason": reason}) if reason else None),))
         await self._finish(session, write, model.RunStatus.QUEUED)
 
     async def _finish(
@@ -615,6 +696,8 @@ class Engine:
         self, session: Session, run_id: str, lease_id: str, status: model.RunStatus
     ) -> None:
         """A resent completion (after a reconnect) whose first copy was committed is fine."""
+        # Either way the lease is over for this session: its slot is free.
+        self._forget_lease(lease_id)
         run = await self.store.get_run(session.env, run_id)
         if run is not None and run.lease_id == lease_id and (
             run.status is status
@@ -663,7 +746,7 @@ class Engine:
         """
 
         async def lose(ref: model.LeaseRef) -> None:
-            error = model.ErrorInfo(type="LeaseLost", message=why, attempt=ref.attempt)
+            error = model.ErrorInfo(type=policy.LEASE_LOST, message=why, attempt=ref.attempt)
             transition = self._failure_transition(ref, error, state=None, immediate=True)
             lost = model.Event(run_id=ref.run_id, type=model.EventType.LEASE_LOST,
                                at=time.time(), attempt=ref.attempt, lease_id=ref.lease_id,
@@ -753,6 +836,8 @@ class Engine:
                     await self._wake.wait()
 
     async def _dispatch_once(self) -> tuple[bool, float | None]:
+        if self._closing:
+            return False, None
         more = False
         next_due: float | None = None
         # A session silent for two heartbeat intervals may belong to a stopped
@@ -798,6 +883,20 @@ class Engine:
                 log.exception("retention failed; retrying")
             await asyncio.sleep(self.config.retention_interval)
 
+    async def _reconcile_loop(self) -> None:
+        """The safety net under every wake-up path (DESIGN §3)."""
+        if not self.config.reconcile_interval:
+            return
+        while True:
+            await asyncio.sleep(self.config.reconcile_interval)
+            try:
+                if await self.reconciler.tick():
+                    self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconciler failed; retrying")
+
     async def _timer_loop(self) -> None:
         """Every due time that needs an action goes through here: lease
         expiry, sleeps, token timeouts, TTL, max duration, and child-run waits
@@ -815,12 +914,12 @@ class Engine:
                 if refs:
                     await self._lose_leases(refs, "the lease expired without a heartbeat",
                                             expired_before=time.time())
-                if await self.store.fire_timers(limit=500):
+                if await timers.fire_due_timers(self.store, limit=500):
                     self._wake.set()
-                if await self.store.finish_child_waits(limit=500):
+                if await timers.finish_child_waits(self.store, limit=500):
                     self._wake.set()
                 await self.store.expire_runs(limit=500)
-                for ref in await self.store.time_out_runs(limit=500):
+                for ref in await self.store.time_out_runs(500, policy.MAX_DURATION_EXCEEDED):
                     self._tell_worker(ref.run_id, ref.lease_id,
                                       "the run exceeded its max duration")
             except asyncio.CancelledError:
@@ -839,6 +938,23 @@ class Engine:
             if n < self.config.retention_batch:
                 return deleted
             await asyncio.sleep(0)  # small batches: let other work in between
+
+
+# A wait a worker asks for may be long (sleep_until a date), not absurd: the
+# due time must stay a valid timestamp (the same bound as a trigger's delay).
+MAX_WAIT_SECONDS = 10 * 365.25 * 24 * 3600.0
+
+
+def _due(after: float | None, at: float | None) -> float | None:
+    """A due time on the coordinator's clock from a worker's duration (DESIGN
+    §3: a worker whose clock is off must not move a wake-up); `at`, an
+    absolute time from a worker older than the duration fields, otherwise."""
+    if after is None:
+        return at
+    if not 0.0 <= after <= MAX_WAIT_SECONDS:  # also refuses NaN
+        raise errors.InvalidArgument(
+            f"a wait must be between 0 and {MAX_WAIT_SECONDS:.0f}s (10 years); got {after:g}s")
+    return time.time() + after
 
 
 def _wake_at(kind: model.StepKind, event: model.StepEvent, wake_at: float | None,
@@ -860,28 +976,5 @@ def check_slots(slots: int) -> None:
 
 
 def decode_json(data: bytes, what: str, limit: int) -> str:
-    """Check that `data` is one UTF-8 JSON document within `limit` bytes."""
-    if len(data) > limit:
-        raise errors.ResourceExhausted(f"{what} is {len(data)} bytes; the limit is {limit}")
-    try:
-        text = data.decode("utf-8")
-        json.loads(text, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise errors.InvalidArgument(f"{what} is not valid JSON: {exc}") from None
-    return text
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def decode_page_token(token: str) -> tuple[float, str] | None:
-    if not token:
-        return None
-    at, sep, run_id = token.partition("|")
-    try:
-        if not sep:
-            raise ValueError
-        return float(at), run_id
-    except ValueError:
-        raise errors.InvalidArgument("malformed page_token") from None
+    """Check that `data` is one UTF-8 JSON document within `limit` bytes (validate.py)."""
+    return validate.json_document(data, what, limit)

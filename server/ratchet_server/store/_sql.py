@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from ratchet import Retry
 from ratchet_server import model
+from ratchet_server.store import _waits
 
 _PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
@@ -25,6 +26,11 @@ _PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 def to_pyformat(sql: str) -> str:
     """Rewrite `:name` parameters as psycopg's `%(name)s` (constant SQL only)."""
     return _PARAM.sub(r"%(\1)s", sql)
+
+
+class TransientConflict(RuntimeError):
+    """A concurrent transaction changed what this one relied on; running the
+    whole transaction again gives the right answer."""
 
 
 class Row(Protocol):
@@ -56,6 +62,9 @@ class Dialect:
     in_json_column: str
     # Row locks for work that any coordinator may claim (timers).
     skip_locked: str
+    # Locks the rows a SELECT returns until the transaction ends (SQLite has
+    # one writer at a time, so it needs none).
+    for_update: str
     translate: Any  # Callable[[str], str]
     # Translated statements, by template and fragments (the SQL is constant).
     _cache: dict[tuple[Any, ...], str] = dataclasses.field(default_factory=dict, compare=False)
@@ -76,6 +85,7 @@ SQLITE = Dialect(
     in_list="(SELECT value FROM json_each({param}))",
     in_json_column="(SELECT value FROM json_each({column}))",
     skip_locked="",
+    for_update="",
     translate=lambda s: s,
 )
 POSTGRES = Dialect(
@@ -83,6 +93,7 @@ POSTGRES = Dialect(
     in_list="(SELECT unnest(CAST({param} AS text[])))",
     in_json_column="(SELECT jsonb_array_elements_text(CAST({column} AS jsonb)))",
     skip_locked="FOR UPDATE SKIP LOCKED",
+    for_update="FOR UPDATE",
     translate=to_pyformat,
 )
 
@@ -185,6 +196,15 @@ SELECT_API_KEY = """
 SELECT id, env, role, name FROM api_keys WHERE key_hash = :key_hash AND revoked_at IS NULL
 """
 
+LIST_API_KEYS = """
+SELECT id, env, role, name, created_at, revoked_at FROM api_keys ORDER BY created_at, id
+"""
+
+# Only a key not revoked yet: a second revoke changes nothing (and says so).
+REVOKE_API_KEY = """
+UPDATE api_keys SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL RETURNING id
+"""
+
 UPSERT_TASK = """
 INSERT INTO tasks (env, id, version, queue, retry, payload_schema, output_schema, max_duration,
                    updated_at)
@@ -201,9 +221,10 @@ SELECT_RUN_BY_IDEMPOTENCY_KEY = """
 SELECT * FROM runs WHERE env = :env AND task_id = :task_id AND idempotency_key = :key
 """
 
+# By the expired row's id: matching by key could clear the key of a run a
+# concurrent trigger has just inserted with it.
 FORGET_IDEMPOTENCY_KEY = """
-UPDATE runs SET idempotency_key = NULL
-WHERE env = :env AND task_id = :task_id AND idempotency_key = :key
+UPDATE runs SET idempotency_key = NULL WHERE id = :id AND idempotency_key = :key
 """
 
 INSERT_RUN = """
@@ -305,6 +326,8 @@ WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
 FENCE_RUN_STATE = """
 UPDATE runs SET state = COALESCE(:state, state), updated_at = :now
 WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
+  AND (CAST(:env AS TEXT) IS NULL OR env = :env)
+  AND (CAST(:owner AS TEXT) IS NULL OR lease_owner = :owner)
 """
 
 UPSERT_STEP = """
@@ -339,45 +362,10 @@ UPDATE runs SET
     waiting_on = :waiting_on,
     finished_at = :finished_at,
     updated_at = :now
-WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
+WHERE id = :run_id AND lease_id = :lease_id AND status = :expect_status
+  AND (CAST(:env AS TEXT) IS NULL OR env = :env)
   AND (CAST(:owner AS TEXT) IS NULL OR lease_owner = :owner)
   AND (CAST(:expired_before AS DOUBLE PRECISION) IS NULL OR lease_expires_at < :expired_before)
-"""
-
-REQUEUE_IF_WOKEN = """
-UPDATE runs SET status = 'QUEUED', run_at = :now, waiting_on = NULL, updated_at = :now
-WHERE id = :run_id AND status = 'WAITING' AND EXISTS (
-    SELECT 1 FROM steps
-    WHERE steps.run_id = runs.id AND steps.key IN {waiting}
-      AND (steps.status <> 'RUNNING'
-           -- a retrying step whose next attempt is already due
-           OR (steps.kind = 'run' AND (steps.wake_at IS NULL OR steps.wake_at <= :now)))
-)
-"""
-
-# A wait of the run completed: a WAITING run is queued again.
-WAKE_RUN = """
-UPDATE runs SET status = 'QUEUED', run_at = :now, waiting_on = NULL, updated_at = :now
-WHERE id = :run_id AND status = 'WAITING'
-"""
-
-# Waits that end by themselves: a sleep completes, a token times out.
-FIRE_TIMERS = """
-UPDATE steps SET
-    status = CASE kind WHEN 'token' THEN 'FAILED' WHEN 'sleep' THEN 'COMPLETED' ELSE status END,
-    output = CASE kind WHEN 'token' THEN NULL WHEN 'sleep' THEN 'null' ELSE output END,
-    error = CASE WHEN kind = 'token' THEN :timeout_error ELSE error END,
-    finished_at = CASE WHEN kind IN ('token', 'sleep') THEN :now ELSE finished_at END,
-    -- A retrying step's next attempt is due: it stays RUNNING, its run wakes.
-    wake_at = CASE WHEN kind IN ('token', 'sleep') THEN wake_at ELSE NULL END
-WHERE (run_id, key) IN (
-    SELECT run_id, key FROM steps
-    WHERE status = 'RUNNING' AND wake_at <= :now
-    ORDER BY wake_at
-    LIMIT :limit
-    {skip_locked}
-)
-RETURNING run_id, key, kind
 """
 
 EXPIRE_RUNS = """
@@ -403,17 +391,6 @@ WHERE id IN (
 RETURNING id, lease_id, lease_owner, attempt
 """
 
-SELECT_TOKEN = """
-SELECT steps.run_id, steps.key, steps.status, runs.status AS run_status
-FROM steps JOIN runs ON runs.id = steps.run_id
-WHERE steps.token_id = :token_id AND runs.env = :env
-"""
-
-COMPLETE_TOKEN = """
-UPDATE steps SET status = 'COMPLETED', output = :data, finished_at = :now
-WHERE token_id = :token_id AND status = 'RUNNING'
-"""
-
 FENCE_PARENT = """
 UPDATE runs SET updated_at = :now
 WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
@@ -423,23 +400,6 @@ SELECT_CHILDREN = """
 SELECT id, status, output, error FROM runs
 WHERE parent_run_id = :run_id AND parent_step_key = :key
 ORDER BY child_index
-"""
-
-# Child-wait steps whose children are all final (claimed by one coordinator).
-SELECT_READY_CHILD_WAITS = """
-SELECT s.run_id, s.key FROM steps AS s
-WHERE s.status = 'RUNNING' AND s.kind = 'child'
-  AND NOT EXISTS (
-    SELECT 1 FROM runs AS c
-    WHERE c.parent_run_id = s.run_id AND c.parent_step_key = s.key
-      AND c.status IN ('QUEUED', 'RUNNING', 'WAITING'))
-LIMIT :limit
-{skip_locked}
-"""
-
-COMPLETE_WAIT_STEP = """
-UPDATE steps SET status = 'COMPLETED', output = :output, finished_at = :now
-WHERE run_id = :run_id AND key = :key AND status = 'RUNNING'
 """
 
 CANCEL_CHILDREN = """
@@ -484,6 +444,20 @@ ORDER BY created_at DESC, id DESC
 LIMIT :limit
 """
 
+# The same without the documents (payload, output, state), for summaries: a
+# page of runs with large outputs is not read from disk at all. Lists every
+# column run_from_row reads.
+LIST_RUN_SUMMARIES = """
+SELECT id, env, task_id, status, attempt, '' AS payload, NULL AS output, error, queue,
+       priority, retry, run_at, idempotency_key, concurrency_key, tags, metadata,
+       parent_run_id, NULL AS state, lease_id, lease_owner, lease_expires_at, created_at,
+       started_at, finished_at, replay_of, discarded_at
+FROM runs
+WHERE env = :env {filters}
+ORDER BY created_at DESC, id DESC
+LIMIT :limit
+"""
+
 LIST_FILTER_STATUS = "AND status IN {statuses}"
 LIST_FILTER_TASK = "AND task_id = :task_id"
 LIST_FILTER_PARENT = "AND parent_run_id = :parent_run_id"
@@ -513,6 +487,10 @@ DELETE FROM runs WHERE id IN (
     ORDER BY finished_at
     LIMIT :limit
 )
+-- Checked again on the row being deleted: a replay that re-queued the run
+-- after the subquery read it must win (READ COMMITTED re-evaluates these).
+  AND finished_at < :cutoff
+  AND status IN ('COMPLETED', 'FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
 """
 LIST_FILTER_TAG_SQLITE = "AND EXISTS (SELECT 1 FROM json_each(runs.tags) WHERE value = :tag)"
 LIST_FILTER_TAG_POSTGRES = "AND CAST(runs.tags AS jsonb) ? :tag"
@@ -596,11 +574,15 @@ def create_runs_txn(
             if expires is None or expires > now:
                 results.append((run_from_row(row), False))
                 continue
-            conn.execute(d.sql(FORGET_IDEMPOTENCY_KEY), key)
+            conn.execute(d.sql(FORGET_IDEMPOTENCY_KEY),
+                         {"id": row["id"], "key": new.idempotency_key})
         row = conn.execute(insert_sql, _new_run_params(new, now)).fetchone()
         if row is None:
-            # A concurrent trigger with the same idempotency key won the race.
+            # A concurrent trigger with the same idempotency key won the race
+            # (the insert waited for it to commit, so this statement sees it).
             row = conn.execute(d.sql(SELECT_RUN_BY_IDEMPOTENCY_KEY), key).fetchone()
+            if row is None:
+                raise TransientConflict("an idempotency key changed hands meanwhile")
             results.append((run_from_row(row), False))
             continue
         results.append((run_from_row(row), True))
@@ -690,6 +672,11 @@ def _step_params(w: model.StepWrite, now: float) -> dict[str, Any]:
     }
 
 
+def _fence_params(w: model.StepWrite, now: float) -> dict[str, Any]:
+    return {"state": w.state, "now": now, "run_id": w.run_id, "lease_id": w.lease_id,
+            "env": w.env, "owner": w.owner}
+
+
 def _transition_params(w: model.RunTransition, now: float) -> dict[str, Any]:
     return {
         "status": w.status.value,
@@ -703,6 +690,8 @@ def _transition_params(w: model.RunTransition, now: float) -> dict[str, Any]:
         "run_id": w.run_id,
         "lease_id": w.lease_id,
         "owner": w.expect_owner,
+        "env": w.env,
+        "expect_status": w.expect_status.value,
         "expired_before": w.expired_before,
         "waiting_on": json.dumps(list(w.waiting_on)) if w.waiting_on else None,
     }
@@ -718,28 +707,27 @@ def apply_writes_txn(
     fence_sql = d.sql(FENCE_RUN_STATE)
     step_sql = d.sql(UPSERT_STEP)
     transition_sql = d.sql(TRANSITION_RUN)
-    events: list[model.Event] = []
     for w in writes:
         if isinstance(w, model.StepWrite):
-            cur = conn.execute(
-                fence_sql,
-                {"state": w.state, "now": now, "run_id": w.run_id, "lease_id": w.lease_id},
-            )
+            cur = conn.execute(fence_sql, _fence_params(w, now))
             if cur.rowcount == 1:
                 conn.execute(step_sql, _step_params(w, now))
         else:
             cur = conn.execute(transition_sql, _transition_params(w, now))
-            if cur.rowcount == 1 and w.status is model.RunStatus.WAITING:
-                # A wait that completed before the run suspended wakes it at once.
-                woke = conn.execute(d.sql(REQUEUE_IF_WOKEN, waiting=d.in_json_column.format(
-                    column="runs.waiting_on")), {"run_id": w.run_id, "now": now})
-                if woke.rowcount == 1:
-                    events.append(model.Event(run_id=w.run_id, type=model.EventType.RESUMED,
-                                              at=now, data=json.dumps({"reason": "ready"})))
         applied.append(cur.rowcount == 1)
         if cur.rowcount == 1:
-            events.extend(w.events)
-    insert_events_txn(conn, d, events)
+            # Events first: a wake-up right after the suspension is recorded
+            # after the suspension in the history.
+            insert_events_txn(conn, d, w.events)
+            if isinstance(w, model.RunTransition) and w.status is model.RunStatus.WAITING:
+                if w.wake_rule is None:
+                    raise ValueError("a suspension needs the engine's wake rule")
+                # This transaction holds the run's row lock since the UPDATE
+                # above, and reads the steps after it: a wait that ended before
+                # (committed) is seen here; one that ends after waits for the
+                # lock and then sees WAITING (docs/architecture.md, lock order).
+                _waits.wake_if_ready_txn(conn, d, w.run_id, w.wake_rule, now,
+                                         "a wait had ended before the run suspended")
     return applied
 
 
@@ -754,9 +742,10 @@ def _batchable(writes: Sequence[model.FencedWrite]) -> bool:
         if isinstance(w, model.StepWrite):
             if step_lease.setdefault(w.run_id, w.lease_id) != w.lease_id:
                 return False
-        elif (w.run_id in transitions or w.expect_owner or w.expired_before
-              or w.status is model.RunStatus.WAITING):
-            return False  # lease-loss transitions carry extra fences: apply one by one
+        elif (w.run_id in transitions or w.expired_before
+              or w.status is model.RunStatus.WAITING
+              or w.expect_status is not model.RunStatus.RUNNING):
+            return False  # extra fences or a wake check: apply one by one
         else:
             transitions.add(w.run_id)
     return not (transitions & step_lease.keys())
@@ -764,9 +753,11 @@ def _batchable(writes: Sequence[model.FencedWrite]) -> bool:
 
 FENCE_RUN_STATE_BATCH = """
 UPDATE runs AS r SET state = COALESCE(v.state, r.state), updated_at = :now
-FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:states AS text[]))
-     AS v(id, lease_id, state)
+FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:states AS text[]),
+            CAST(:envs AS text[]), CAST(:owners AS text[]))
+     AS v(id, lease_id, state, env, owner)
 WHERE r.id = v.id AND r.lease_id = v.lease_id AND r.status = 'RUNNING'
+  AND (v.env IS NULL OR r.env = v.env) AND (v.owner IS NULL OR r.lease_owner = v.owner)
 RETURNING r.id
 """
 
@@ -786,9 +777,10 @@ UPDATE runs AS r SET
 FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:statuses AS text[]),
             CAST(:outputs AS text[]), CAST(:errors AS text[]), CAST(:states AS text[]),
             CAST(:run_ats AS float8[]), CAST(:refunds AS int[]),
-            CAST(:finished AS float8[]))
-     AS v(id, lease_id, status, output, error, state, run_at, refund, finished_at)
+            CAST(:finished AS float8[]), CAST(:envs AS text[]), CAST(:owners AS text[]))
+     AS v(id, lease_id, status, output, error, state, run_at, refund, finished_at, env, owner)
 WHERE r.id = v.id AND r.lease_id = v.lease_id AND r.status = 'RUNNING'
+  AND (v.env IS NULL OR r.env = v.env) AND (v.owner IS NULL OR r.lease_owner = v.owner)
 RETURNING r.id
 """
 
@@ -802,14 +794,18 @@ def _apply_batched_txn(
     ok: set[str] = set()
     if steps:
         last_state: dict[str, tuple[str, str | None]] = {}
+        fences: dict[str, model.StepWrite] = {}
         for w in steps:
             previous = last_state.get(w.run_id, (w.lease_id, None))[1]
             last_state[w.run_id] = (w.lease_id, w.state if w.state is not None else previous)
+            fences.setdefault(w.run_id, w)
         rows = conn.execute(d.sql(FENCE_RUN_STATE_BATCH), {
             "now": now,
             "ids": list(last_state),
             "leases": [lease for lease, _ in last_state.values()],
             "states": [state for _, state in last_state.values()],
+            "envs": [fences[run_id].env for run_id in last_state],
+            "owners": [fences[run_id].owner for run_id in last_state],
         }).fetchall()
         ok.update(r["id"] for r in rows)
         todo = [_step_params(w, now) for w in steps if w.run_id in ok]
@@ -828,6 +824,8 @@ def _apply_batched_txn(
             "run_ats": [p["run_at"] for p in params],
             "refunds": [p["refund"] for p in params],
             "finished": [p["finished_at"] for p in params],
+            "envs": [p["env"] for p in params],
+            "owners": [p["owner"] for p in params],
         }).fetchall()
         ok.update(r["id"] for r in rows)
     applied = [w.run_id in ok for w in writes]
@@ -835,46 +833,6 @@ def _apply_batched_txn(
     if events:
         conn.cursor().executemany(d.sql(INSERT_EVENT), [event_params(e) for e in events])
     return applied
-
-
-def fire_timers_txn(conn: Connection, d: Dialect, now: float,
-                    limit: int) -> list[tuple[str, str]]:
-    """Complete due sleeps and time out due tokens; wake their runs. Each
-    timer fires once, whichever coordinator claims it (SKIP LOCKED)."""
-    timeout = error_to_json(model.ErrorInfo(type="ratchet.TokenTimeoutError",
-                                            message="the wait token timed out"))
-    rows = conn.execute(d.sql(FIRE_TIMERS, skip_locked=d.skip_locked),
-                        {"now": now, "limit": limit, "timeout_error": timeout}).fetchall()
-    fired = [(r["run_id"], r["key"]) for r in rows]
-    events = [model.Event(run_id=r["run_id"], type=model.EventType.WAIT_COMPLETED
-                          if r["kind"] != "run" else model.EventType.RETRY_DUE, at=now,
-                          step_key=r["key"]) for r in rows]
-    for run_id in dict.fromkeys(run_id for run_id, _ in fired):
-        if conn.execute(d.sql(WAKE_RUN), {"run_id": run_id, "now": now}).rowcount == 1:
-            events.append(model.Event(run_id=run_id, type=model.EventType.RESUMED, at=now))
-    insert_events_txn(conn, d, events)
-    return fired
-
-
-def complete_token_txn(
-    conn: Connection, d: Dialect, env: str, token_id: str, data: str, now: float
-) -> tuple[bool, str | None, str]:
-    row = conn.execute(d.sql(SELECT_TOKEN), {"token_id": token_id, "env": env}).fetchone()
-    if row is None:
-        return False, None, "unknown token"
-    run_id, key = row["run_id"], row["key"]
-    if row["run_status"] in ("COMPLETED", "FAILED", "CANCELED", "EXPIRED", "TIMED_OUT"):
-        return False, run_id, f"the run is already {row['run_status']}; nothing changed"
-    done = conn.execute(d.sql(COMPLETE_TOKEN), {"token_id": token_id, "data": data, "now": now})
-    if done.rowcount != 1:
-        why = "timed out" if row["status"] == "FAILED" else "already completed"
-        return False, run_id, f"the token was {why}; nothing changed"
-    events = [model.Event(run_id=run_id, type=model.EventType.WAIT_COMPLETED, at=now,
-                          step_key=key, data=json.dumps({"token_id": token_id}))]
-    if conn.execute(d.sql(WAKE_RUN), {"run_id": run_id, "now": now}).rowcount == 1:
-        events.append(model.Event(run_id=run_id, type=model.EventType.RESUMED, at=now))
-    insert_events_txn(conn, d, events)
-    return True, run_id, ""
 
 
 def create_children_txn(
@@ -907,33 +865,6 @@ def create_children_txn(
                     data=json.dumps({"children": len(ids), "wait": wait})),
     ])
     return ids
-
-
-def finish_child_waits_txn(conn: Connection, d: Dialect, now: float, limit: int) -> list[str]:
-    """Complete child-wait steps whose children are all final; wake the parents."""
-    waits = conn.execute(d.sql(SELECT_READY_CHILD_WAITS, skip_locked=d.skip_locked),
-                         {"limit": limit}).fetchall()
-    woken: list[str] = []
-    events: list[model.Event] = []
-    for w in waits:
-        run_id, key = w["run_id"], w["key"]
-        children = conn.execute(d.sql(SELECT_CHILDREN), {"run_id": run_id, "key": key})
-        results = [{
-            "run_id": c["id"], "status": c["status"],
-            "output": None if c["output"] is None else json.loads(c["output"]),
-            "error": None if c["error"] is None else json.loads(c["error"]),
-        } for c in children.fetchall()]
-        done = conn.execute(d.sql(COMPLETE_WAIT_STEP), {
-            "run_id": run_id, "key": key, "output": json.dumps(results), "now": now})
-        if done.rowcount != 1:
-            continue
-        events.append(model.Event(run_id=run_id, type=model.EventType.WAIT_COMPLETED, at=now,
-                                  step_key=key))
-        if conn.execute(d.sql(WAKE_RUN), {"run_id": run_id, "now": now}).rowcount == 1:
-            events.append(model.Event(run_id=run_id, type=model.EventType.RESUMED, at=now))
-            woken.append(run_id)
-    insert_events_txn(conn, d, events)
-    return woken
 
 
 def list_runs_txn(
@@ -973,5 +904,5 @@ def list_runs_txn(
     if cursor is not None:
         filters.append(LIST_FILTER_CURSOR)
         params["c_at"], params["c_id"] = cursor
-    sql = d.sql(LIST_RUNS, filters=" ".join(filters))
+    sql = d.sql(LIST_RUN_SUMMARIES if flt.summary else LIST_RUNS, filters=" ".join(filters))
     return [run_from_row(r) for r in conn.execute(sql, params).fetchall()]

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from ratchet._retry import NO_RETRY, Retry
 from ratchet_server import model
-from ratchet_server.store import _sql
+from ratchet_server.store import _sql, _waits
 
 T = TypeVar("T")
 
@@ -35,7 +35,17 @@ CREATE TABLE IF NOT EXISTS ratchet_migrations (
 
 
 class StoreUnavailable(RuntimeError):
-    """The database could not be reached."""
+    """The database could not be reached, or dropped the connection: try again."""
+
+
+class StoreDataError(ValueError):
+    """The database refused a value (a NUL character, a number out of range).
+    The engine validates requests first; this is the last line of defence."""
+
+
+def first_line(exc: BaseException) -> str:
+    """A driver error's message, on one line."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 class Store(Protocol):
@@ -49,6 +59,8 @@ class Store(Protocol):
         self, *, key_id: str, env: str, role: model.Role, name: str, key_hash: str
     ) -> None: ...
     async def find_api_key(self, key_hash: str) -> model.ApiKey | None: ...
+    async def list_api_keys(self) -> list[model.ApiKeyInfo]: ...
+    async def revoke_api_key(self, key_id: str, now: float) -> bool: ...
 
     async def upsert_tasks(self, tasks: Sequence[model.TaskDef]) -> None: ...
     async def get_task(self, env: str, task_id: str) -> model.TaskDef | None: ...
@@ -83,18 +95,27 @@ class Store(Protocol):
     async def get_lease(self, run_id: str, lease_id: str) -> model.LeaseRef | None: ...
     async def apply(self, writes: Sequence[model.FencedWrite]) -> list[bool]: ...
 
-    async def fire_timers(self, limit: int) -> list[tuple[str, str]]: ...
+    async def due_steps(self, limit: int) -> list[model.Step]: ...
+    async def child_wait_candidates(
+        self, limit: int
+    ) -> list[tuple[str, str, list[model.Run]]]: ...
+    async def find_token(
+        self, env: str, token_id: str
+    ) -> tuple[model.Step, model.RunStatus] | None: ...
+    async def resolve_waits(
+        self, resolutions: Sequence[model.WaitResolution], rule: model.WakeRule
+    ) -> list[bool]: ...
     async def expire_runs(self, limit: int) -> list[str]: ...
-    async def time_out_runs(self, limit: int) -> list[model.LeaseRef]: ...
-    async def complete_token(
-        self, env: str, token_id: str, data: str
-    ) -> tuple[bool, str | None, str]: ...
+    async def time_out_runs(self, limit: int, error: model.ErrorInfo) -> list[model.LeaseRef]: ...
+    async def unfinished_runs(
+        self, after: str, limit: int, updated_before: float
+    ) -> list[tuple[model.Run, tuple[str, ...], dict[str, model.Step]]]: ...
+    async def repair_run(self, run_id: str, still_stuck: _waits.StuckCheck) -> str | None: ...
     async def cancel_children(self, parent_run_id: str) -> list[model.Run]: ...
     async def create_children(
         self, *, parent: str, lease_id: str, step_key: str,
         children: Sequence[model.NewRun], wait: bool,
     ) -> list[str] | None: ...
-    async def finish_child_waits(self, limit: int) -> list[str]: ...
 
     async def listen(self, callback: Callable[[str], None]) -> None:
         """Call `callback(env)` when another coordinator made runs ready."""
@@ -176,6 +197,24 @@ class SqlStore(abc.ABC):
                 return None
             return model.ApiKey(id=row["id"], env=row["env"], role=model.Role(row["role"]),
                                 name=row["name"])
+
+        return await self._run(txn)
+
+    async def list_api_keys(self) -> list[model.ApiKeyInfo]:
+        def txn(conn: Any) -> list[model.ApiKeyInfo]:
+            rows = conn.execute(self.dialect.sql(_sql.LIST_API_KEYS)).fetchall()
+            return [model.ApiKeyInfo(id=r["id"], env=r["env"], role=model.Role(r["role"]),
+                                     name=r["name"], created_at=r["created_at"],
+                                     revoked_at=r["revoked_at"]) for r in rows]
+
+        return await self._run(txn)
+
+    async def revoke_api_key(self, key_id: str, now: float) -> bool:
+        """Revoke a key not revoked yet; False if there is no such key to revoke."""
+        def txn(conn: Any) -> bool:
+            row = conn.execute(self.dialect.sql(_sql.REVOKE_API_KEY),
+                               {"id": key_id, "now": now}).fetchone()
+            return row is not None
 
         return await self._run(txn)
 
@@ -411,12 +450,46 @@ class SqlStore(abc.ABC):
 
     # --- timers and waits ---------------------------------------------------------
 
-    async def fire_timers(self, limit: int) -> list[tuple[str, str]]:
-        def txn(conn: Any) -> list[tuple[str, str]]:
-            fired = _sql.fire_timers_txn(conn, self.dialect, time.time(), limit)
-            if fired:
+    async def due_steps(self, limit: int) -> list[model.Step]:
+        return await self._run(
+            lambda conn: _waits.due_steps_txn(conn, self.dialect, time.time(), limit))
+
+    async def child_wait_candidates(
+        self, limit: int
+    ) -> list[tuple[str, str, list[model.Run]]]:
+        return await self._run(
+            lambda conn: _waits.child_wait_candidates_txn(conn, self.dialect, limit))
+
+    async def find_token(
+        self, env: str, token_id: str
+    ) -> tuple[model.Step, model.RunStatus] | None:
+        return await self._run(
+            lambda conn: _waits.find_token_txn(conn, self.dialect, env, token_id))
+
+    async def resolve_waits(
+        self, resolutions: Sequence[model.WaitResolution], rule: model.WakeRule
+    ) -> list[bool]:
+        def txn(conn: Any) -> list[bool]:
+            applied, woken = _waits.resolve_waits_txn(conn, self.dialect, resolutions, rule,
+                                                      time.time())
+            if woken:
                 self._notify_txn(conn, {"*"})
-            return fired
+            return applied
+
+        return await self._run(txn)
+
+    async def unfinished_runs(
+        self, after: str, limit: int, updated_before: float
+    ) -> list[tuple[model.Run, tuple[str, ...], dict[str, model.Step]]]:
+        return await self._run(lambda conn: _waits.unfinished_page_txn(
+            conn, self.dialect, after, limit, updated_before))
+
+    async def repair_run(self, run_id: str, still_stuck: _waits.StuckCheck) -> str | None:
+        def txn(conn: Any) -> str | None:
+            why = _waits.repair_txn(conn, self.dialect, run_id, still_stuck, time.time())
+            if why is not None:
+                self._notify_txn(conn, {"*"})
+            return why
 
         return await self._run(txn)
 
@@ -434,34 +507,20 @@ class SqlStore(abc.ABC):
 
         return await self._run(txn)
 
-    async def time_out_runs(self, limit: int) -> list[model.LeaseRef]:
+    async def time_out_runs(self, limit: int, error: model.ErrorInfo) -> list[model.LeaseRef]:
         d = self.dialect
-        error = _sql.error_to_json(model.ErrorInfo(
-            type="ratchet.MaxDurationExceeded", message="the run took longer than its max duration",
-            non_retryable=True))
 
         def txn(conn: Any) -> list[model.LeaseRef]:
             now = time.time()
             rows = conn.execute(d.sql(_sql.TIME_OUT_RUNS, skip_locked=d.skip_locked),
-                                {"now": now, "limit": limit, "error": error}).fetchall()
+                                {"now": now, "limit": limit,
+                                 "error": _sql.error_to_json(error)}).fetchall()
             _sql.insert_events_txn(conn, d, (model.Event(
                 run_id=r["id"], type=model.EventType.TIMED_OUT, at=now, attempt=r["attempt"],
                 lease_id=r["lease_id"]) for r in rows))
             return [model.LeaseRef(run_id=r["id"], lease_id=r["lease_id"] or "",
                                    attempt=r["attempt"], retry=NO_RETRY,
                                    lease_owner=r["lease_owner"]) for r in rows]
-
-        return await self._run(txn)
-
-    async def complete_token(
-        self, env: str, token_id: str, data: str
-    ) -> tuple[bool, str | None, str]:
-        def txn(conn: Any) -> tuple[bool, str | None, str]:
-            result = _sql.complete_token_txn(conn, self.dialect, env, token_id, data,
-                                             time.time())
-            if result[0]:
-                self._notify_txn(conn, {env})
-            return result
 
         return await self._run(txn)
 
@@ -476,15 +535,6 @@ class SqlStore(abc.ABC):
             if ids:
                 self._notify_txn(conn, {"*"})
             return ids
-
-        return await self._run(txn)
-
-    async def finish_child_waits(self, limit: int) -> list[str]:
-        def txn(conn: Any) -> list[str]:
-            woken = _sql.finish_child_waits_txn(conn, self.dialect, time.time(), limit)
-            if woken:
-                self._notify_txn(conn, {"*"})
-            return woken
 
         return await self._run(txn)
 

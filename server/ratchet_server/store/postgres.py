@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from ratchet_server.store import _sql
-from ratchet_server.store.base import SqlStore, StoreUnavailable
+from ratchet_server.store.base import SqlStore, StoreDataError, StoreUnavailable, first_line
 
 T = TypeVar("T")
 
@@ -62,10 +62,17 @@ class PostgresStore(SqlStore):
             try:
                 with self._pool.connection() as conn, conn.transaction():
                     return fn(conn)
-            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure,
+                    _sql.TransientConflict):
                 if attempt == DEADLOCK_RETRIES - 1:
                     raise
         raise AssertionError("unreachable")
+
+    async def _run(self, fn: Callable[[Any], T]) -> T:
+        try:
+            return await super()._run(fn)
+        except psycopg.Error as exc:
+            raise _translate(exc) from exc
 
     def _lock_for_migration(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%(k)s)", {"k": MIGRATION_LOCK})
@@ -103,3 +110,16 @@ class PostgresStore(SqlStore):
             await asyncio.to_thread(self._listener.join, 2.0)
         await super().close()
         await asyncio.to_thread(self._pool.close)
+
+
+def _translate(exc: psycopg.Error) -> Exception:
+    """A driver error as the store's own: lost connections, shutdowns, pool
+    timeouts and lost conflicts are worth retrying (StoreUnavailable);
+    refused values (SQLSTATE class 22, and 54: e.g. an index entry too large)
+    are the caller's (StoreDataError); anything else is a bug, left as is."""
+    state = exc.sqlstate or ""
+    if isinstance(exc, psycopg.DataError) or state.startswith("54"):
+        return StoreDataError(f"the database refused a value: {first_line(exc)}")
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return StoreUnavailable(f"PostgreSQL is unavailable: {first_line(exc)}")
+    return exc

@@ -1,0 +1,139 @@
+"""Every decision about how a wait ends and whether a run can progress.
+
+Pure functions over the model: no I/O, no SQL, no protobuf. The store calls
+some of them back inside its transactions (so that the rule and the row
+locks meet in one place), and the reconciler uses `stuck_reason` to find
+runs that nothing would ever move again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+from ratchet_server import model
+
+TOKEN_TIMEOUT = model.ErrorInfo(type="ratchet.TokenTimeoutError",
+                                message="the wait token timed out")
+MAX_DURATION_EXCEEDED = model.ErrorInfo(
+    type="ratchet.MaxDurationExceeded", message="the run took longer than its max duration",
+    non_retryable=True)
+
+# The error type of an attempt whose lease was lost (worker gone or silent).
+LEASE_LOST = "LeaseLost"
+
+
+def lost_before_its_report(run: model.Run, lease_id: str) -> bool:
+    """The run's lease `lease_id` was taken back as lost and nobody has leased
+    the run since: a failure the worker reports now under that lease is the
+    truth about the attempt and replaces the lease-loss guess."""
+    return (run.status is model.RunStatus.QUEUED and run.lease_id == lease_id
+            and run.error is not None and run.error.type == LEASE_LOST)
+
+
+def counts_as_woken(waiting_on: Sequence[str], steps: Mapping[str, model.Step],
+                    now: float) -> bool:
+    """A WAITING run goes back to the queue once one of the waits it named has
+    ended: a sleep or token step that is no longer RUNNING, a child wait whose
+    result is in, or a retrying step whose next attempt is due. A named step
+    that does not exist cannot be waited on, so it wakes the run too (the
+    worker will find out what it meant)."""
+    for key in waiting_on:
+        step = steps.get(key)
+        if step is None or step.status is not model.StepStatus.RUNNING:
+            return True
+        if step.kind is model.StepKind.RUN and (step.wake_at is None or step.wake_at <= now):
+            return True
+    return False
+
+
+def timer_outcome(step: model.Step, now: float) -> model.WaitResolution:
+    """What a due timer does to its step: a sleep completes with null, a token
+    times out, a retrying step stays RUNNING with its due time cleared (its
+    run wakes to make the next attempt)."""
+    fence = step.wake_at
+    if step.kind is model.StepKind.SLEEP:
+        return model.WaitResolution(
+            run_id=step.run_id, key=step.key, status=model.StepStatus.COMPLETED,
+            output="null", finished_at=now, expect_wake_at=fence,
+            events=(model.Event(run_id=step.run_id, type=model.EventType.WAIT_COMPLETED,
+                                at=now, step_key=step.key),))
+    if step.kind is model.StepKind.TOKEN:
+        return model.WaitResolution(
+            run_id=step.run_id, key=step.key, status=model.StepStatus.FAILED,
+            error=TOKEN_TIMEOUT, finished_at=now, expect_wake_at=fence,
+            events=(model.Event(run_id=step.run_id, type=model.EventType.WAIT_COMPLETED,
+                                at=now, step_key=step.key,
+                                data=json.dumps({"timed_out": True})),))
+    return model.WaitResolution(
+        run_id=step.run_id, key=step.key, status=model.StepStatus.RUNNING,
+        expect_wake_at=fence, clear_wake_at=True,
+        events=(model.Event(run_id=step.run_id, type=model.EventType.RETRY_DUE, at=now,
+                            step_key=step.key),))
+
+
+def token_outcome(step: model.Step, data: str, now: float) -> model.WaitResolution:
+    """A token completed from outside: its step completes with the data."""
+    return model.WaitResolution(
+        run_id=step.run_id, key=step.key, status=model.StepStatus.COMPLETED, output=data,
+        finished_at=now,
+        events=(model.Event(run_id=step.run_id, type=model.EventType.WAIT_COMPLETED, at=now,
+                            step_key=step.key, data=json.dumps({"token_id": step.token_id})),))
+
+
+def child_results(children: Sequence[model.Run]) -> str | None:
+    """The output of a child-wait step: one entry per child, in trigger
+    order, or None while any child is unfinished."""
+    if any(not c.status.is_final for c in children):
+        return None
+    return json.dumps([{
+        "run_id": c.id, "status": c.status.value,
+        "output": None if c.output is None else json.loads(c.output),
+        "error": None if c.error is None else {
+            "type": c.error.type, "message": c.error.message, "stack": c.error.stack,
+            "non_retryable": c.error.non_retryable, "step_key": c.error.step_key,
+            "attempt": c.error.attempt},
+    } for c in children])
+
+
+def children_outcome(run_id: str, key: str, results: str,
+                     now: float) -> model.WaitResolution:
+    return model.WaitResolution(
+        run_id=run_id, key=key, status=model.StepStatus.COMPLETED, output=results,
+        finished_at=now,
+        events=(model.Event(run_id=run_id, type=model.EventType.WAIT_COMPLETED, at=now,
+                            step_key=key),))
+
+
+def stuck_reason(run: model.Run, waiting_on: Sequence[str],
+                 steps: Mapping[str, model.Step], now: float) -> str | None:
+    """Why nothing would ever move this non-final run again, or None when it
+    has a way to progress (the invariant of DESIGN §3):
+
+    - QUEUED: always ready at its run_at;
+    - RUNNING: its lease is live or will be reaped when it expires;
+    - WAITING: it names at least one wait, none of which has ended yet (an
+      ended wait must already have woken it), and each pending wait can end
+      (a sleep or retry has a due time, a token can be completed or time out,
+      a child wait finishes when its children do).
+    """
+    if run.status is model.RunStatus.RUNNING and run.lease_expires_at is None:
+        return "RUNNING without a lease expiry: no reaper would ever take it back"
+    if run.status is not model.RunStatus.WAITING:
+        return None
+    if not waiting_on:
+        return "WAITING on nothing"
+    if counts_as_woken(waiting_on, steps, now):
+        ended = [k for k in waiting_on
+                 if k not in steps or steps[k].status is not model.StepStatus.RUNNING]
+        return ("WAITING although its wait ended: " + ", ".join(ended)) if ended else (
+            "WAITING although a retry it waits for is due")
+    for key in waiting_on:
+        step = steps[key]
+        if step.kind is model.StepKind.SLEEP and step.wake_at is None:
+            return f"WAITING on {key!r}, a {step.kind.value} step with no due time"
+        if step.kind is model.StepKind.TOKEN and not step.token_id:
+            return f"WAITING on {key!r}, a token step without a token id"
+        if step.kind is model.StepKind.VALUE:
+            return f"WAITING on {key!r}, a value step (values never wait)"
+    return None

@@ -1,0 +1,111 @@
+"""Waits that end by themselves, and the safety net under every wake-up path.
+
+- `fire_due_timers`: sleeps complete, tokens time out, retrying steps whose
+  next attempt is due wake their run.
+- `finish_child_waits`: a child-wait step completes once all its children
+  are final.
+- `Reconciler`: the invariant check of DESIGN §3 over unfinished runs; a run
+  that nothing would ever move again is repaired (queued again, or handed to
+  the lease reaper), logged with its id and counted.
+
+Several coordinators may run these at once: each resolution is applied only
+while its step is still pending, under the run's row lock, so each wait
+ends once whoever gets there first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+
+from ratchet_server import model
+from ratchet_server.engine import policy
+from ratchet_server.store import Store
+
+log = logging.getLogger("ratchet.reconciler")
+
+
+async def fire_due_timers(store: Store, limit: int) -> int:
+    """End every wait whose due time has passed; the number that ended here."""
+    due = await store.due_steps(limit)
+    if not due:
+        return 0
+    now = time.time()
+    applied = await store.resolve_waits([policy.timer_outcome(s, now) for s in due],
+                                        policy.counts_as_woken)
+    return sum(applied)
+
+
+async def finish_child_waits(store: Store, limit: int) -> int:
+    """Complete child waits whose children have all finished."""
+    now = time.time()
+    resolutions = []
+    for run_id, key, children in await store.child_wait_candidates(limit):
+        results = policy.child_results(children)
+        if results is not None:
+            resolutions.append(policy.children_outcome(run_id, key, results, now))
+    if not resolutions:
+        return 0
+    return sum(await store.resolve_waits(resolutions, policy.counts_as_woken))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StuckRun:
+    run: model.Run
+    why: str
+
+
+async def find_stuck(store: Store, *, settle: float = 0.0, page: int = 500,
+                     limit: int | None = None) -> list[StuckRun]:
+    """Every unfinished run that nothing would move again (read only).
+    `settle` skips runs changed in the last seconds (one transition may be
+    half seen by a reader; a committed state never breaks the invariant)."""
+    found: list[StuckRun] = []
+    after = ""
+    while True:
+        now = time.time()
+        batch = await store.unfinished_runs(after, page, now - settle)
+        for run, waiting_on, steps in batch:
+            why = policy.stuck_reason(run, waiting_on, steps, now)
+            if why is not None:
+                found.append(StuckRun(run, why))
+        if len(batch) < page or (limit is not None and len(found) >= limit):
+            return found
+        after = batch[-1][0].id
+
+
+def _still_stuck(run: model.Run, waiting_on: tuple[str, ...],
+                 steps: Mapping[str, model.Step]) -> str | None:
+    return policy.stuck_reason(run, waiting_on, steps, time.time())
+
+
+class Reconciler:
+    """Pages through unfinished runs, a page per tick, and repairs what the
+    invariant check finds. One full pass takes (unfinished runs / page) ticks;
+    every coordinator runs one, and a repair is fenced by the same check
+    under the run's row lock, so two coordinators never repair twice."""
+
+    def __init__(self, store: Store, *, page: int = 500, settle: float = 5.0) -> None:
+        self.store = store
+        self.page = page
+        self.settle = settle
+        self.repaired = 0
+        self._after = ""
+
+    async def tick(self) -> list[StuckRun]:
+        now = time.time()
+        batch = await self.store.unfinished_runs(self._after, self.page, now - self.settle)
+        self._after = "" if len(batch) < self.page else batch[-1][0].id
+        repaired: list[StuckRun] = []
+        for run, waiting_on, steps in batch:
+            if policy.stuck_reason(run, waiting_on, steps, now) is None:
+                continue
+            why = await self.store.repair_run(run.id, _still_stuck)
+            if why is not None:
+                self.repaired += 1
+                repaired.append(StuckRun(run, why))
+                log.warning("reconciler: repaired run %s (%s, was %s): %s", run.id,
+                            run.task_id, run.status.value, why)
+        return repaired
