@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from ratchet_server.store import Store, open_store
-from tests.harness import Cluster
+from tests.harness import Cluster, stuck_runs
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -102,6 +102,8 @@ async def cluster(database_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
     finally:
         await c.close()
         print(c.logs())  # shown by pytest only when the test failed
+    # After every integration test: no run is left that nothing would move.
+    assert await stuck_runs(database_url) == []
 
 
 @pytest.fixture(params=["sqlite-memory", "postgres"])

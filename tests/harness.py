@@ -201,6 +201,19 @@ class Cluster:
         return "\n".join(parts)
 
 
+async def stuck_runs(database_url: str) -> list[str]:
+    """What the invariant check finds in a database: runs nothing would move again."""
+    from ratchet_server.engine import timers
+    from ratchet_server.store import open_store
+
+    store = await open_store(database_url)
+    try:
+        return [f"{s.run.id} ({s.run.task_id}, {s.run.status.value}): {s.why}"
+                for s in await timers.find_stuck(store)]
+    finally:
+        await store.close()
+
+
 def count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 

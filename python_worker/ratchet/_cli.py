@@ -55,6 +55,14 @@ def _timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retention", type=duration, default=duration("30d"),
                    help="delete finished runs (steps, history) after this; 0 keeps them "
                         "(default 30d)")
+    p.add_argument("--reconcile-interval", type=duration, default=duration("5s"),
+                   help="how often each coordinator checks a page of unfinished runs for "
+                        "ones nothing would move again, and repairs them; 0 disables "
+                        "(default 5s)")
+    p.add_argument("--key-cache", type=duration, default=duration("10s"),
+                   help="how long a revoked API key may keep working: key lookups are "
+                        "cached this long and open sessions' keys checked this often "
+                        "(default 10s)")
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -102,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", required=True)
     p.add_argument("--role", required=True, choices=["client", "worker", "admin"])
     p.add_argument("--name", default="")
+    p = keys.add_parser("list", help="every key: id, environment, role, name, dates "
+                                     "(never the key itself)")
+    p.add_argument("--database-url", required=True)
+    p.add_argument("--env", default=None, help="only the keys of this environment")
+    p.add_argument("--json", action="store_true")
+    p = keys.add_parser("revoke", help="revoke a key: coordinators refuse it and end the "
+                                       "sessions it opened (within --key-cache)")
+    p.add_argument("key_id", metavar="KEY_ID")
+    p.add_argument("--database-url", required=True)
 
     p = sub.add_parser("worker", help="serve the tasks defined in modules")
     p.add_argument("modules", nargs="+", metavar="MODULE[:ATTR]")
@@ -186,7 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (CLIError, RatchetError, OSError, ValueError) as exc:
         print(f"ratchet: {exc}", file=sys.stderr)
-        return 1
+        # A worker refused mid-run (its key revoked) must not wait for a sync
+        # step that ignores cancellation: the coordinator took its runs back.
+        return _exit_abandoning_threads(1) if args.command == "worker" else 1
     except Exception as exc:  # last resort: still one line
         print(f"ratchet: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

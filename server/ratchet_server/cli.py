@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -13,7 +15,7 @@ from typing import Any
 
 from ratchet import Worker
 from ratchet_server import model
-from ratchet_server.api.auth import create_key
+from ratchet_server.api import auth
 from ratchet_server.app import Coordinator, ServerOptions
 from ratchet_server.engine.engine import EngineConfig
 from ratchet_server.store import Store, StoreUnavailable, StoreURLError, open_store
@@ -37,14 +39,7 @@ async def run(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], li
                 await store.close()
             print("applied: " + ", ".join(applied) if applied else "schema is up to date")
             return 0
-        store = await open_store(args.database_url)
-        try:
-            await store.migrate()
-            key = await create_key(store, args.env, model.Role(args.role), args.name)
-        finally:
-            await store.close()
-        print(key)
-        return 0
+        return await _keys(args)
     except (StoreURLError, StoreUnavailable) as exc:
         raise ServerCLIError(str(exc)) from None
 
@@ -53,12 +48,78 @@ class ServerCLIError(ValueError):
     """Reported by the CLI as one line (a ValueError, which the CLI prints)."""
 
 
+async def _keys(args: argparse.Namespace) -> int:
+    """`keys create`, `keys list`, `keys revoke`: straight on the store, so an
+    operator can manage keys while no coordinator runs."""
+    store = await open_store(args.database_url)
+    try:
+        await store.migrate()
+        if args.keys_command == "create":
+            key = await auth.create_key(store, args.env, model.Role(args.role), args.name)
+            created = await store.find_api_key(auth.hash_key(key))
+            print(key)
+            if created is not None:
+                print(f"created {created.id} (environment {created.env}, role "
+                      f"{created.role.value}); the key is shown only once", file=sys.stderr)
+            return 0
+        if args.keys_command == "list":
+            keys = await auth.list_keys(store)
+            if args.env:
+                keys = [k for k in keys if k.env == args.env]
+            if args.json:
+                print(json.dumps([_key_json(k) for k in keys], indent=2))
+            else:
+                _print_keys(keys)
+            return 0
+        try:
+            info, changed = await auth.revoke_key(store, args.key_id)
+        except KeyError:
+            raise ServerCLIError(f"no API key with id {args.key_id!r} "
+                                 "(`ratchet keys list` shows the ids)") from None
+    finally:
+        await store.close()
+    assert info.revoked_at is not None
+    if changed:
+        print(f"revoked {info.id} (environment {info.env}, role {info.role.value}); "
+              "coordinators refuse it and end the sessions it opened within their "
+              f"--key-cache (default {auth.KEY_CACHE_SECONDS:g}s)")
+    else:
+        print(f"{info.id} was already revoked at {_when(info.revoked_at)}; nothing changed")
+    return 0
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _key_json(k: model.ApiKeyInfo) -> dict[str, Any]:
+    return {"id": k.id, "env": k.env, "role": k.role.value, "name": k.name,
+            "created_at": _when(k.created_at),
+            "revoked_at": None if k.revoked_at is None else _when(k.revoked_at)}
+
+
+def _print_keys(keys: Sequence[model.ApiKeyInfo]) -> None:
+    if not keys:
+        print("no API keys")
+        return
+    rows = [("ID", "ENV", "ROLE", "NAME", "CREATED", "REVOKED")]
+    rows += [(k.id, k.env, k.role.value, k.name or "-", _when(k.created_at),
+              _when(k.revoked_at)) for k in keys]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
 def _config(args: argparse.Namespace) -> EngineConfig:
     if args.heartbeat_interval >= args.lease_ttl:
         raise ServerCLIError("--heartbeat-interval must be shorter than --lease-ttl")
     return EngineConfig(lease_ttl=args.lease_ttl, heartbeat_interval=args.heartbeat_interval,
                         session_grace=args.session_grace,
-                        retention=args.retention or None)
+                        retention=args.retention or None,
+                        reconcile_interval=args.reconcile_interval,
+                        reconcile_settle=min(5.0, args.reconcile_interval))
 
 
 async def _serve(store: Store, options: ServerOptions, workers: Sequence[Worker] = ()) -> int:
@@ -103,5 +164,5 @@ async def _dev(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], l
 async def _server(args: argparse.Namespace) -> int:
     store = await open_store(args.database_url)
     options = ServerOptions(listen=args.listen, http_listen=args.http_listen, auth=True,
-                            engine=_config(args))
+                            engine=_config(args), key_cache=args.key_cache)
     return await _serve(store, options)
