@@ -113,8 +113,14 @@ class Client:
         include_discarded: bool = False,
         limit: int = 50,
         page_token: str = "",
+        full: bool = False,
     ) -> tuple[list[Run], str]:
-        """One page of runs, newest first, and the token of the next page ("" at the end)."""
+        """One page of runs, newest first, and the token of the next page ("" at the end).
+
+        Runs are summaries: `payload` and `output` are None (use `get()`), unless
+        `full` is true; a full page may hold fewer than `limit` runs, so that
+        the reply stays under the message size limit.
+        """
         statuses: Sequence[RunStatus | str] = (
             [] if status is None else [status] if isinstance(status, str) else status)
         codes: list[Any] = [_status_pb(s) for s in statuses]
@@ -122,7 +128,8 @@ class Client:
             statuses=codes,
             task_id="" if task is None else _task_id(task), tag=tag or "", page_size=limit,
             page_token=page_token, parent_run_id=parent or "", error_type=error_type or "",
-            include_discarded=include_discarded)
+            include_discarded=include_discarded,
+            view=run_pb2.RUN_VIEW_FULL if full else run_pb2.RUN_VIEW_SUMMARY)
         if created_after is not None:
             request.created_after.CopyFrom(timestamp(created_after))
         if created_before is not None:

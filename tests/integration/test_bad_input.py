@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
+from google.protobuf import duration_pb2, timestamp_pb2
 
 import ratchet
-from ratchet.v1 import run_pb2, run_pb2_grpc
+from ratchet.v1 import common_pb2, run_pb2, run_pb2_grpc
+from ratchet_server import model
+from ratchet_server.store import open_store
 from tests.harness import Cluster, run_cli_async
 
 pytestmark = pytest.mark.timeout(90)
@@ -109,3 +114,133 @@ async def test_idempotency_key_returns_one_run(cluster: Cluster) -> None:
     assert cli.returncode == 0 and cli.stdout.strip() == first.id
     runs, _ = await client.list(task="typed-order")
     assert [r.id for r in runs] == [first.id]
+
+
+# --- bounds, NUL characters, JSON depth: INVALID_ARGUMENT, and nothing written ---
+
+
+def _stub(channel: grpc.aio.Channel) -> run_pb2_grpc.RunServiceStub:
+    return run_pb2_grpc.RunServiceStub(channel)
+
+
+async def _code(call: object, request: object, key: str) -> grpc.StatusCode:
+    try:
+        await call(request, metadata=(("authorization", f"Bearer {key}"),))  # type: ignore[operator]
+    except grpc.aio.AioRpcError as exc:
+        assert "\n" not in (exc.details() or ""), exc.details()
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_a_far_away_delay_is_refused_and_poisons_nothing(cluster: Cluster) -> None:
+    """Trigger with a delay of 10^12 s used to commit the run, then fail with
+    UNKNOWN building the reply; GetRun and ListRuns then failed for ever."""
+    worker = cluster.start_worker()
+    await cluster.wait_worker_connected(worker)
+    key = cluster.key("client")
+    client = cluster.client("client")
+    far = duration_pb2.Duration(seconds=10**12)
+    payload = b'{"order_id": "A", "quantity": 1}'
+    async with grpc.aio.insecure_channel(cluster.address) as channel:
+        stub = _stub(channel)
+        for opts in (run_pb2.TriggerOptions(delay=far), run_pb2.TriggerOptions(ttl=far),
+                     run_pb2.TriggerOptions(max_duration=far),
+                     run_pb2.TriggerOptions(idempotency_key="k", idempotency_key_ttl=far),
+                     run_pb2.TriggerOptions(delay=duration_pb2.Duration(seconds=-5)),
+                     run_pb2.TriggerOptions(priority=2**31 - 1),
+                     run_pb2.TriggerOptions(retry=common_pb2.RetryPolicy(max_delay=far))):
+            request = run_pb2.TriggerRequest(task_id="typed-order", payload=payload,
+                                             options=opts)
+            assert await _code(stub.Trigger, request, key) == \
+                grpc.StatusCode.INVALID_ARGUMENT, opts
+            batch = run_pb2.BatchTriggerRequest(items=[
+                run_pb2.BatchTriggerItem(task_id="typed-order", payload=payload),
+                run_pb2.BatchTriggerItem(task_id="typed-order", payload=payload, options=opts)])
+            assert await _code(stub.BatchTrigger, batch, key) == \
+                grpc.StatusCode.INVALID_ARGUMENT, opts
+    assert (await client.list())[0] == []
+    # The largest accepted delay still makes a run that reads back.
+    run = await client.trigger("typed-order", {"order_id": "A", "quantity": 1},
+                               delay=10 * 365 * 24 * 3600.0)
+    assert (await client.get(run.id)).status == "QUEUED"
+    assert [r.id for r in (await client.list())[0]] == [run.id]
+
+
+async def test_nul_characters_deep_json_and_odd_times_are_invalid_argument(
+    cluster: Cluster,
+) -> None:
+    worker = cluster.start_worker()
+    await cluster.wait_worker_connected(worker)
+    key = cluster.key("client")
+    client = cluster.client("client")
+    good = b'{"order_id": "A", "quantity": 1}'
+    deep = b"[" * 100_000 + b"]" * 100_000
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    async with grpc.aio.insecure_channel(cluster.address) as channel:
+        stub = _stub(channel)
+        triggers = [
+            run_pb2.TriggerRequest(task_id="typed-order", payload=deep),
+            run_pb2.TriggerRequest(task_id="typed-order",
+                                   payload=b'{"order_id": "A\\u0000", "quantity": 1}'),
+            run_pb2.TriggerRequest(task_id="typed-order\x00", payload=good),
+            run_pb2.TriggerRequest(task_id="typed-order", payload=good,
+                                   options=run_pb2.TriggerOptions(tags=["a\x00b"])),
+            run_pb2.TriggerRequest(task_id="typed-order", payload=good,
+                                   options=run_pb2.TriggerOptions(metadata={"k": "v\x00"})),
+            run_pb2.TriggerRequest(task_id="typed-order", payload=good,
+                                   options=run_pb2.TriggerOptions(idempotency_key="\x00")),
+            run_pb2.TriggerRequest(task_id="typed-order", payload=good,
+                                   options=run_pb2.TriggerOptions(queue="q\x00")),
+            run_pb2.TriggerRequest(task_id="typed-order", payload=good,
+                                   options=run_pb2.TriggerOptions(concurrency_key="c\x00")),
+        ]
+        for request in triggers:
+            assert await _code(stub.Trigger, request, key) == invalid, request
+        run = await client.trigger("typed-order", {"order_id": "A", "quantity": 1})
+        await client.wait(run.id, timeout=30)
+        assert await _code(stub.GetRun, run_pb2.GetRunRequest(run_id="run\x00"), key) == invalid
+        assert await _code(stub.CancelRun, run_pb2.CancelRunRequest(run_id=run.id,
+                                                                    reason="\x00"), key) == invalid
+        assert await _code(stub.CompleteToken, run_pb2.CompleteTokenRequest(
+            token_id="tok\x00"), key) == invalid
+        assert await _code(stub.CompleteToken, run_pb2.CompleteTokenRequest(
+            token_id="tok", data=deep), key) == invalid
+        assert await _code(stub.RetryRun, run_pb2.RetryRunRequest(
+            run_id=run.id, payload=b'"\\u0000"'), key) == invalid
+        assert await _code(stub.GetRunHistory, run_pb2.GetRunHistoryRequest(
+            run_id=run.id, page_token="9" * 30), key) == invalid
+        for listing in (run_pb2.ListRunsRequest(error_type="E\x00"),
+                        run_pb2.ListRunsRequest(tag="\x00"),
+                        run_pb2.ListRunsRequest(page_token="1e400|run_x"),
+                        run_pb2.ListRunsRequest(page_token="nan|run_x"),
+                        run_pb2.ListRunsRequest(
+                            created_after=timestamp_pb2.Timestamp(seconds=10**12)),
+                        run_pb2.ListRunsRequest(
+                            created_before=timestamp_pb2.Timestamp(seconds=1, nanos=-1))):
+            assert await _code(stub.ListRuns, listing, key) == invalid, listing
+    # Only the one good run exists, and its history has nothing from the refusals.
+    assert [r.id for r in (await client.list())[0]] == [run.id]
+    assert [r.id for r in (await client.list(include_discarded=True))[0]] == [run.id]
+
+
+async def test_a_stored_out_of_range_time_still_reads_back(database_url: str,
+                                                         tmp_path: Path) -> None:
+    """A run stored with a time the protocol cannot carry (written before the
+    bounds existed) is shown with the time clamped instead of failing reads."""
+    store = await open_store(database_url)
+    await store.migrate()
+    try:
+        [(stored, _)] = await store.create_runs([model.NewRun(
+            id="run_far", env="test", task_id="typed-order", payload="{}", queue="typed-order",
+            retry=ratchet.Retry(), run_at=1e13, ttl=1e13)])
+    finally:
+        await store.close()
+    cluster = Cluster(database_url, tmp_path)
+    try:
+        await cluster.start_coordinator()
+        client = cluster.client("client")
+        run = await client.get(stored.id)
+        assert run.status == "QUEUED"
+        assert [r.id for r in (await client.list())[0]] == [stored.id]
+    finally:
+        await cluster.close()

@@ -116,7 +116,10 @@ class RunServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """ListRuns pages through runs, newest first.
+        """ListRuns pages through runs, newest first. Runs come as summaries
+        (without payload, output and state) unless the request asks for
+        RUN_VIEW_FULL; a page may hold fewer runs than page_size so that the
+        reply stays under 16 MiB (next_page_token then continues).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -23,21 +24,40 @@ STEP_EVENT_FROM_PB = {
 }
 
 
+# google.protobuf.Timestamp holds years 1 to 9999, Duration ±10,000 years.
+_MIN_TS, _MAX_TS = -62_135_596_800, 253_402_300_799
+_MAX_DUR = 315_576_000_000
+
+
 def ts(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    """A stored time as a Timestamp, clamped to what a Timestamp can hold:
+    one odd value in the store must never make a run unreadable."""
     if seconds is None:
         return None
+    if not math.isfinite(seconds):
+        seconds = _MAX_TS if seconds > 0 else _MIN_TS  # NaN lands here too
     out = timestamp_pb2.Timestamp()
-    out.FromNanoseconds(int(seconds * 1e9))
+    out.FromNanoseconds(int(min(max(seconds, _MIN_TS), _MAX_TS) * 1e9))
     return out
 
 
-def from_ts(value: timestamp_pb2.Timestamp, present: bool) -> float | None:
-    return value.ToNanoseconds() / 1e9 if present else None
+def from_ts(value: timestamp_pb2.Timestamp, present: bool,
+            what: str = "timestamp") -> float | None:
+    if not present:
+        return None
+    try:
+        return float(value.ToNanoseconds()) / 1e9
+    except ValueError:
+        raise errors.InvalidArgument(
+            f"{what} is not a valid timestamp (years 1 to 9999, nanos 0 to 999999999)"
+        ) from None
 
 
 def dur(seconds: float) -> duration_pb2.Duration:
+    if not math.isfinite(seconds):
+        seconds = _MAX_DUR if seconds > 0 else -_MAX_DUR
     out = duration_pb2.Duration()
-    out.FromNanoseconds(int(seconds * 1e9))
+    out.FromNanoseconds(int(min(max(seconds, -_MAX_DUR), _MAX_DUR) * 1e9))
     return out
 
 
@@ -159,3 +179,39 @@ def lease_to_pb(leased: model.LeasedRun, lease_ttl: float) -> worker_pb2.LeaseGr
                                      steps=[step_to_pb(s) for s in leased.steps],
                                      state=_utf8(run.state)),
         expires_at=ts(run.lease_expires_at), retry=retry_to_pb(run.retry))
+
+
+def summary_view(view: int) -> bool:
+    """Whether ListRuns returns summaries: unless RUN_VIEW_FULL is asked for."""
+    if view == run_pb2.RUN_VIEW_FULL:
+        return False
+    if view in (run_pb2.RUN_VIEW_UNSPECIFIED, run_pb2.RUN_VIEW_SUMMARY):
+        return True
+    raise errors.InvalidArgument(f"unknown view {view}")
+
+
+def check_strings(message: Any) -> None:
+    """Refuse a request with a NUL character in any string field, nested or
+    repeated or in a map (Postgres text cannot hold one). Walks without
+    recursion; the field's path names it in the error."""
+    todo: list[tuple[str, Any]] = [("", message)]
+    while todo:
+        prefix, msg = todo.pop()
+        for field, value in msg.ListFields():
+            name = prefix + field.name
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                for k, v in value.items():
+                    _check_text(f"{name} key", k)
+                    if isinstance(v, str):
+                        _check_text(f"{name}[{k[:40]!r}]", v)
+            elif field.type == field.TYPE_STRING:
+                for item in value if field.is_repeated else (value,):
+                    _check_text(name, item)
+            elif field.type == field.TYPE_MESSAGE:
+                items = value if field.is_repeated else (value,)
+                todo.extend((f"{name}.", item) for item in items)
+
+
+def _check_text(name: str, value: str) -> None:
+    if "\x00" in value:
+        raise errors.InvalidArgument(f"{name} must not contain NUL characters (\\x00)")

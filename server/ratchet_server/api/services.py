@@ -20,11 +20,12 @@ from ratchet.v1 import (
     worker_pb2_grpc,
 )
 from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, __version__, model
-from ratchet_server.api import auth, convert
+from ratchet_server.api import auth, convert, status
 from ratchet_server.api.status import code_for
 from ratchet_server.engine import errors
 from ratchet_server.engine.engine import CancelPush, Engine, LeasePush
 from ratchet_server.engine.engine import Session as WorkerSession
+from ratchet_server.store import StoreUnavailable
 
 log = logging.getLogger("ratchet.api")
 
@@ -40,9 +41,12 @@ def _unary(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
+            convert.check_strings(request)
             return await fn(self, request, context)
-        except errors.EngineError as exc:
-            await context.abort(code_for(exc), str(exc))
+        except status.MAPPED as exc:
+            if isinstance(exc, StoreUnavailable):
+                log.warning("%s: %s", fn.__name__, exc)
+            await context.abort(status.code_for(exc), str(exc))
             raise  # unreachable: abort raises
 
     return wrapper
@@ -83,10 +87,13 @@ class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
                               parent_run_id=request.parent_run_id or None,
                               error_type=request.error_type or None,
                               created_after=convert.from_ts(request.created_after,
-                                                            request.HasField("created_after")),
+                                                            request.HasField("created_after"),
+                                                            "created_after"),
                               created_before=convert.from_ts(request.created_before,
-                                                             request.HasField("created_before")),
-                              include_discarded=request.include_discarded)
+                                                             request.HasField("created_before"),
+                                                             "created_before"),
+                              include_discarded=request.include_discarded,
+                              summary=convert.summary_view(request.view))
         runs, token = await self._engine.list_runs(flt, request.page_size, request.page_token)
         return run_pb2.ListRunsResponse(runs=[convert.run_to_pb(r) for r in runs],
                                         next_page_token=token)
@@ -252,7 +259,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
             else:
                 await self._engine.release(session, run_id=request.release.run_id,
                                            lease_id=request.release.lease_id)
-        except errors.EngineError as exc:
+        except status.MAPPED as exc:
             out.put_nowait(_ack(request.request_id, code_for(exc), str(exc)))
         except Exception as exc:
             log.exception("session %s: %s failed", session.id, kind)

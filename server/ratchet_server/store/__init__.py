@@ -5,7 +5,7 @@ Only this package runs SQL or imports a database driver.
 
 from __future__ import annotations
 
-from ratchet_server.store.base import Store, StoreUnavailable
+from ratchet_server.store.base import Store, StoreDataError, StoreUnavailable
 
 
 class StoreURLError(ValueError):
@@ -41,4 +41,4 @@ def _store_for(url: str) -> Store:
     raise StoreURLError(f"unsupported database URL {url!r}: use postgresql:// or sqlite:///PATH")
 
 
-__all__ = ["Store", "StoreURLError", "StoreUnavailable", "open_store"]
+__all__ = ["Store", "StoreDataError", "StoreURLError", "StoreUnavailable", "open_store"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ratchet_server.store import _sql
-from ratchet_server.store.base import SqlStore
+from ratchet_server.store.base import SqlStore, StoreDataError, StoreUnavailable, first_line
 
 T = TypeVar("T")
 
@@ -52,6 +52,18 @@ class SqliteStore(SqlStore):
             raise
         conn.execute("COMMIT")
         return result
+
+    async def _run(self, fn: Callable[[Any], T]) -> T:
+        try:
+            return await super()._run(fn)
+        except sqlite3.OperationalError as exc:
+            # Another process (`ratchet keys create`, a migration) holds the
+            # write lock for longer than busy_timeout: worth retrying.
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreUnavailable(f"SQLite is busy: {first_line(exc)}") from exc
+            raise
+        except (sqlite3.DataError, OverflowError) as exc:
+            raise StoreDataError(f"the database refused a value: {first_line(exc)}") from exc
 
     def _execute_script(self, conn: Any, script: str) -> None:
         # executescript() would commit the open transaction; run statement by statement.
