@@ -1,0 +1,126 @@
+"""Writes under a lease, when another replica or the reaper got there first."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from ratchet import Retry
+from ratchet_server import model
+from ratchet_server.engine import errors, timers
+from ratchet_server.engine.engine import Engine, EngineConfig, LeasePush, Session, TriggerSpec
+from ratchet_server.store import Store, open_store
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(60)]
+
+
+def task_def(env: str) -> model.TaskDef:
+    return model.TaskDef(env=env, id="t", version="1", queue="t",
+                         retry=Retry(max_attempts=5, min_delay=0.01, max_delay=0.01),
+                         payload_schema=None, output_schema=None, max_duration=None)
+
+
+@pytest.fixture
+async def pg_store(pg_url: str) -> AsyncIterator[Store]:
+    store = await open_store(pg_url)
+    await store.migrate()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+
+
+@asynccontextmanager
+async def running(store: Store, **config: float) -> AsyncIterator[Engine]:
+    engine = Engine(store, EngineConfig(reconcile_interval=0, **config))
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await asyncio.wait_for(engine.stop(), 10.0)
+        assert await timers.find_stuck(store) == []
+
+
+async def leased(engine: Engine, env: str, slots: int = 2) -> tuple[Session, model.Run]:
+    session, _ = await engine.open_session(env, "w-" + secrets.token_hex(3), [task_def(env)],
+                                           slots, [])
+    [(run, _)] = await engine.trigger(env, [TriggerSpec(task_id="t", payload=b"{}")])
+    push = await asyncio.wait_for(session.outbox.get(), 5.0)
+    assert isinstance(push, LeasePush) and push.leased.run.id == run.id
+    return session, push.leased.run
+
+
+async def test_a_lease_ended_elsewhere_frees_the_slot_when_the_worker_fails(
+        pg_store: Store) -> None:
+    async with running(pg_store) as engine:
+        session, run = await leased(engine, "dev")
+        assert session.free == 1
+        # Another replica cancels the run; this one never hears of it.
+        assert await pg_store.cancel_run("dev", run.id) is not None
+        with pytest.raises(errors.StaleLease):
+            await engine.complete_failure(
+                session, run_id=run.id, lease_id=str(run.lease_id), state=None,
+                error=model.ErrorInfo(type="Boom", message="late"))
+        assert session.free == 2
+
+
+async def test_a_failure_reported_just_after_the_reaper_decides_the_attempt(
+        pg_store: Store) -> None:
+    # No heartbeats in process: the lease expires, the reaper requeues the run
+    # (same lease id), and the silent session is leased nothing more.
+    async with running(pg_store, lease_ttl=0.5, heartbeat_interval=0.1) as engine:
+        session, run = await leased(engine, "dev")
+
+        async def requeued() -> bool:
+            got = await pg_store.get_run("dev", run.id)
+            return got is not None and got.status is model.RunStatus.QUEUED
+
+        deadline = time.monotonic() + 5
+        while not await requeued():
+            assert time.monotonic() < deadline, "the reaper never requeued the run"
+            await asyncio.sleep(0.05)
+        await engine.complete_failure(
+            session, run_id=run.id, lease_id=str(run.lease_id), state=None,
+            error=model.ErrorInfo(type="BadInput", message="never again", non_retryable=True))
+        got = await pg_store.get_run("dev", run.id)
+        assert got is not None and got.status is model.RunStatus.FAILED
+        assert got.error is not None and got.error.type == "BadInput"
+        assert got.attempt == 1  # the loss and the report are one attempt
+        assert session.free == 2
+
+
+async def test_a_lease_id_does_not_cross_environments(pg_store: Store) -> None:
+    async with running(pg_store) as engine:
+        _, run = await leased(engine, "victim")
+        intruder, _ = await engine.open_session("intruder", "w-x", [task_def("intruder")], 0,
+                                                [])
+        with pytest.raises(errors.StaleLease):
+            await engine.checkpoint(
+                intruder, run_id=run.id, lease_id=str(run.lease_id), key="evil",
+                kind=model.StepKind.RUN, event=model.StepEvent.COMPLETED, attempt=1,
+                retry_base=0, output=b"1", error=None, started_at=time.time(),
+                finished_at=time.time(), state=b'{"owned": true}')
+        with pytest.raises(errors.StaleLease):
+            await engine.complete_success(intruder, run_id=run.id, lease_id=str(run.lease_id),
+                                          output=b'"stolen"', state=None)
+        got = await pg_store.get_run("victim", run.id)
+        assert got is not None and got.status is model.RunStatus.RUNNING and got.state is None
+        assert await pg_store.get_steps(run.id) == []
+
+
+async def test_a_lease_id_is_fenced_by_the_session_that_holds_it(pg_store: Store) -> None:
+    async with running(pg_store) as engine:
+        _, run = await leased(engine, "dev")
+        other, _ = await engine.open_session("dev", "w-other", [task_def("dev")], 0, [])
+        with pytest.raises(errors.StaleLease):
+            await engine.complete_success(other, run_id=run.id, lease_id=str(run.lease_id),
+                                          output=b'"mine"', state=None)
+        got = await pg_store.get_run("dev", run.id)
+        assert got is not None and got.status is model.RunStatus.RUNNING
