@@ -20,9 +20,10 @@ from ratchet.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from ratchet_server.api.auth import AuthInterceptor
+from ratchet_server.api.auth import KEY_CACHE_SECONDS, AuthInterceptor
 from ratchet_server.api.services import RunService, SystemService, WorkerService
 from ratchet_server.engine.engine import Engine, EngineConfig
+from ratchet_server.engine.keys import RevokedKeySweep
 from ratchet_server.store import Store
 from ratchet_server.web import start_http
 
@@ -34,6 +35,15 @@ SERVICE_NAMES = (
     system_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
 )
 
+# On shutdown, open sessions are served this long more (their writes are
+# acknowledged), then their streams end UNAVAILABLE; END_GRACE is what the
+# streams get to finish after that.
+SHUTDOWN_DRAIN = 2.0
+END_GRACE = 1.0
+SHUTDOWN_MESSAGE = ("the coordinator is shutting down: reconnect (to another replica, or "
+                    "here once it is back) and adopt your leases; they stay yours until "
+                    "the lease TTL")
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerOptions:
@@ -41,6 +51,9 @@ class ServerOptions:
     http_listen: str | None = "127.0.0.1:7421"
     auth: bool = True
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    # How long a revoked key may keep working: the key cache's TTL and how
+    # often open sessions' keys are checked (engine/keys.py).
+    key_cache: float = KEY_CACHE_SECONDS
 
 
 class Coordinator:
@@ -52,12 +65,20 @@ class Coordinator:
         self.engine = Engine(store, options.engine)
         self._server: grpc.aio.Server | None = None
         self._http: asyncio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._revoked_keys: RevokedKeySweep | None = None
         self.port = 0
 
     async def start(self) -> None:
         await self.engine.start()
+        interceptor = AuthInterceptor(self.store if self.options.auth else None,
+                                      cache_seconds=self.options.key_cache)
+        if self.options.auth:
+            self._revoked_keys = RevokedKeySweep(self.engine, self.options.key_cache,
+                                                 on_revoked=interceptor.forget)
+            self._revoked_keys.start()
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.store if self.options.auth else None)],
+            interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", 16 * 1024 * 1024),
                      ("grpc.so_reuseport", 0)])
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(self.engine), server)
@@ -73,16 +94,41 @@ class Coordinator:
         await server.start()
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health = health_servicer
         self._server = server
         if self.options.http_listen:
             host, _, port = self.options.http_listen.rpartition(":")
             self._http = await start_http(host or "127.0.0.1", int(port))
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def stop(self, drain: float = SHUTDOWN_DRAIN) -> None:
+        """Shut down, in this order: refuse new calls (new sessions too) and
+        lease nothing more; serve the open sessions for up to `drain` seconds,
+        acknowledging their writes (sooner if they all close); end the streams
+        still open UNAVAILABLE; stop. Leases are not released: each worker
+        reconnects (to another replica, or here after a restart) and adopts
+        its leases; one nobody adopts is lost after the lease TTL."""
         if self._http is not None:
             self._http.close()
+        if self._revoked_keys is not None:
+            await self._revoked_keys.stop()
         if self._server is not None:
-            await self._server.stop(grace)
+            self.engine.begin_shutdown()
+            if self._health is not None:
+                await self._health.enter_graceful_shutdown()
+            stopping = asyncio.create_task(self._server.stop(drain + END_GRACE))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + drain
+            if self.engine.open_sessions():
+                log.info("shutting down: new calls are refused; serving %d open session(s) "
+                         "for up to %.1fs more", len(self.engine.open_sessions()), drain)
+            # Polled: closing sessions signal nothing, and this runs once, briefly.
+            while self.engine.open_sessions() and loop.time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            ended = self.engine.end_sessions(SHUTDOWN_MESSAGE)
+            if ended:
+                log.info("shutting down: ending %d session(s) UNAVAILABLE; their leases are "
+                         "not released (the workers adopt them when they reconnect)", ended)
+            await stopping
         await self.engine.stop()
         await self.store.close()
 

@@ -21,6 +21,9 @@ from ratchet_server import model
 from ratchet_server.store import Store
 
 DEV_ENV = "default"
+# How long a revoked key may keep working on a coordinator: lookups are cached
+# this long, and each coordinator checks its open sessions' keys this often
+# (engine/keys.py), so new calls and open sessions stop within the same bound.
 KEY_CACHE_SECONDS = 10.0
 
 _WORKER = frozenset({model.Role.WORKER, model.Role.ADMIN})
@@ -77,12 +80,35 @@ async def create_key(store: Store, env: str, role: model.Role, name: str = "") -
     return key
 
 
+async def list_keys(store: Store) -> list[model.ApiKeyInfo]:
+    """Every key, oldest first: ids, environments, roles and dates, never a secret."""
+    return await store.list_api_keys()
+
+
+async def revoke_key(store: Store, key_id: str) -> tuple[model.ApiKeyInfo, bool]:
+    """Revoke a key; the key as it is now, and whether this call revoked it
+    (False when it was revoked already). Raises KeyError for an unknown id."""
+    changed = await store.revoke_api_key(key_id, time.time())
+    for info in await store.list_api_keys():
+        if info.id == key_id:
+            return info, changed
+    raise KeyError(key_id)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Authenticates and authorises every RPC; `store=None` turns auth off (dev)."""
 
-    def __init__(self, store: Store | None) -> None:
+    def __init__(self, store: Store | None, cache_seconds: float = KEY_CACHE_SECONDS) -> None:
         self._store = store
+        self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, Principal]] = {}
+
+    def forget(self, key_ids: set[str]) -> None:
+        """Drop cached lookups of these keys (found revoked): a session they
+        opened that is ended now cannot reopen on the cached answer."""
+        for digest, (_, who) in list(self._cache.items()):
+            if who.key_id in key_ids:
+                del self._cache[digest]
 
     async def intercept_service(
         self,
@@ -115,7 +141,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                           "missing API key: send 'authorization: Bearer <key>'")
         digest = hash_key(key.strip())
         cached = self._cache.get(digest)
-        if cached is not None and time.monotonic() - cached[0] < KEY_CACHE_SECONDS:
+        if cached is not None and time.monotonic() - cached[0] < self._cache_seconds:
             return cached[1]
         found = await self._store.find_api_key(digest)
         if found is None:

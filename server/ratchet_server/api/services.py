@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ratchet.v1 import (
     run_pb2,
@@ -23,7 +25,7 @@ from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, __version__, 
 from ratchet_server.api import auth, convert, status
 from ratchet_server.api.status import code_for
 from ratchet_server.engine import errors
-from ratchet_server.engine.engine import CancelPush, Engine, LeasePush
+from ratchet_server.engine.engine import CancelPush, EndPush, Engine, LeasePush
 from ratchet_server.engine.engine import Session as WorkerSession
 from ratchet_server.store import StoreUnavailable
 
@@ -151,38 +153,48 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
     async def Session(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.SessionResponse]:
-        env = auth.principal().env
+        who = auth.principal()
         session: WorkerSession | None = None
         try:
-            first = await anext(requests, None)
+            try:
+                first = await anext(requests, None)
+            except DecodeError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _undecodable(exc))
+                return
             if first is None:
                 return
             try:
-                session, welcome = await self._open(env, first)
+                session, welcome = await self._open(who, first)
             except errors.EngineError as exc:
                 await context.abort(code_for(exc), str(exc))
                 return
             yield welcome
-            out: asyncio.Queue[worker_pb2.SessionResponse | None] = asyncio.Queue()
+            out: asyncio.Queue[_Out] = asyncio.Queue()
             async with _SessionTasks() as tasks:
                 tasks.start(self._read(requests, session, out, tasks))
                 tasks.start(self._forward(session, out))
                 while (message := await out.get()) is not None:
+                    if isinstance(message, _StreamEnd):
+                        log.info("session %s: ending the stream %s: %s", session.id,
+                                 message.code.name, message.message)
+                        await context.abort(message.code, message.message)
+                        return
                     yield message
         finally:
             if session is not None:
                 self._engine.close_session(session)
 
     async def _open(
-        self, env: str, first: Any
+        self, who: auth.Principal, first: Any
     ) -> tuple[WorkerSession, worker_pb2.SessionResponse]:
         if first.WhichOneof("kind") != "hello":
             raise errors.InvalidArgument("the first message of a session must be hello")
         hello = first.hello
+        env = who.env
         tasks = [convert.task_from_pb(env, t) for t in hello.tasks]
         session, adopted = await self._engine.open_session(
             env, hello.worker_id, tasks, hello.slots, list(hello.active_lease_ids),
-            protocol_version=hello.protocol_version)
+            protocol_version=hello.protocol_version, key_id=who.key_id)
         cfg = self._engine.config
         welcome = worker_pb2.SessionResponse(welcome=worker_pb2.Welcome(
             session_id=session.id, protocol_version=PROTOCOL_VERSION,
@@ -197,9 +209,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
         except errors.EngineError as exc:
             log.warning("session %s: %s", session.id, exc)
 
-    async def _forward(
-        self, session: WorkerSession, out: asyncio.Queue[worker_pb2.SessionResponse | None]
-    ) -> None:
+    async def _forward(self, session: WorkerSession, out: asyncio.Queue[_Out]) -> None:
         ttl = self._engine.config.lease_ttl
         while True:
             push = await session.outbox.get()
@@ -209,18 +219,36 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
             elif isinstance(push, CancelPush):
                 out.put_nowait(worker_pb2.SessionResponse(cancel=worker_pb2.CancelRun(
                     run_id=push.run_id, lease_id=push.lease_id, reason=push.reason)))
+            elif isinstance(push, EndPush):
+                # A revoked key cannot come back; a stopping coordinator's
+                # workers reconnect (elsewhere) and adopt their leases.
+                out.put_nowait(_StreamEnd(
+                    grpc.StatusCode.UNAUTHENTICATED if push.key_revoked
+                    else grpc.StatusCode.UNAVAILABLE, push.reason))
+                return
 
     async def _read(
         self,
         requests: AsyncIterator[Any],
         session: WorkerSession,
-        out: asyncio.Queue[worker_pb2.SessionResponse | None],
+        out: asyncio.Queue[_Out],
         tasks: _SessionTasks,
     ) -> None:
         try:
             async for request in requests:
                 session.seen()
                 kind = request.WhichOneof("kind")
+                if kind == "hello":
+                    out.put_nowait(_StreamEnd(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "hello was already sent on this session: a session has exactly one "
+                        "hello, its first message (open a new session to announce new tasks)"))
+                    return
+                if kind is None and not request.request_id:
+                    out.put_nowait(_StreamEnd(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "empty SessionRequest (no kind and no request_id) on an open session"))
+                    return
                 if kind == "heartbeat":
                     tasks.start(self._engine.heartbeat(
                         session, list(request.heartbeat.active_lease_ids)))
@@ -232,6 +260,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
                 else:
                     out.put_nowait(_ack(request.request_id, grpc.StatusCode.INVALID_ARGUMENT,
                                         f"unexpected message {kind!r} in a session"))
+        except DecodeError as exc:
+            out.put_nowait(_StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, _undecodable(exc)))
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         finally:
@@ -242,7 +272,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
         session: WorkerSession,
         request: Any,
         kind: str,
-        out: asyncio.Queue[worker_pb2.SessionResponse | None],
+        out: asyncio.Queue[_Out],
     ) -> None:
         try:
             run_ids: list[str] = []
@@ -303,6 +333,25 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
                 step_keys=list(c.suspended.step_keys), state=state)
         else:
             raise errors.InvalidArgument("complete needs an outcome")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _StreamEnd:
+    """End the session's stream with this status (after what was queued before)."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+# What the session's writer sends: a message, the end with a status, or the
+# end of the worker's side (None).
+_Out = worker_pb2.SessionResponse | _StreamEnd | None
+
+
+def _undecodable(exc: DecodeError) -> str:
+    return (f"a SessionRequest could not be decoded ({exc}); the stream is ended because "
+            "what follows cannot be trusted either: check the worker's generated stubs "
+            "against protos/ratchet/v1")
 
 
 def _ack(
