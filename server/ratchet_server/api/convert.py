@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -63,6 +64,10 @@ def dur(seconds: float) -> duration_pb2.Duration:
 
 def seconds(value: duration_pb2.Duration) -> float:
     return float(value.ToNanoseconds()) / 1e9
+
+
+def from_dur(value: duration_pb2.Duration, present: bool) -> float | None:
+    return seconds(value) if present else None
 
 
 def retry_from_pb(pb: common_pb2.RetryPolicy, default: Retry) -> Retry:
@@ -126,10 +131,12 @@ def run_to_pb(run: model.Run) -> run_pb2.Run:
         discarded_at=ts(run.discarded_at))
 
 
-def event_to_pb(event: dict[str, Any]) -> run_pb2.RunEvent:
+def event_to_pb(event: dict[str, Any], *, show_lease: bool) -> run_pb2.RunEvent:
+    """`show_lease`: lease ids are for operators (admin keys) only."""
     return run_pb2.RunEvent(
         id=event["id"], at=ts(event["at"]), type=event["type"], attempt=event["attempt"] or 0,
-        lease_id=event["lease_id"] or "", step_key=event["step_key"] or "",
+        lease_id=(event["lease_id"] or "") if show_lease else "",
+        step_key=event["step_key"] or "",
         data=_utf8(event["data"]))
 
 
@@ -178,7 +185,10 @@ def lease_to_pb(leased: model.LeasedRun, lease_ttl: float) -> worker_pb2.LeaseGr
         snapshot=worker_pb2.Snapshot(payload=_utf8(run.payload),
                                      steps=[step_to_pb(s) for s in leased.steps],
                                      state=_utf8(run.state)),
-        expires_at=ts(run.lease_expires_at), retry=retry_to_pb(run.retry))
+        expires_at=ts(run.lease_expires_at), retry=retry_to_pb(run.retry),
+        # The worker measures the snapshot's wake_at times from this, not
+        # from its own clock (protocol §4).
+        sent_at=ts(time.time()))
 
 
 def summary_view(view: int) -> bool:

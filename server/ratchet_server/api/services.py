@@ -107,10 +107,13 @@ class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
 
     @_unary
     async def GetRunHistory(self, request: Any, context: Any) -> run_pb2.GetRunHistoryResponse:
+        who = auth.principal()
         events, token = await self._engine.history(
-            auth.principal().env, request.run_id, request.page_size, request.page_token)
-        return run_pb2.GetRunHistoryResponse(events=[convert.event_to_pb(e) for e in events],
-                                             next_page_token=token)
+            who.env, request.run_id, request.page_size, request.page_token)
+        show_lease = who.role is model.Role.ADMIN
+        return run_pb2.GetRunHistoryResponse(
+            events=[convert.event_to_pb(e, show_lease=show_lease) for e in events],
+            next_page_token=token)
 
     @_unary
     async def ReplayRun(self, request: Any, context: Any) -> run_pb2.ReplayRunResponse:
@@ -313,6 +316,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
             state=cp.state if cp.HasField("state") else None,
             wake_at=convert.from_ts(cp.wake_at, cp.HasField("wake_at")),
             retry_at=convert.from_ts(cp.retry_at, cp.HasField("retry_at")),
+            wake_after=convert.from_dur(cp.wake_after, cp.HasField("wake_after")),
+            retry_after=convert.from_dur(cp.retry_after, cp.HasField("retry_after")),
             token_id=cp.token_id or None)
 
     async def _complete(self, session: WorkerSession, c: Any) -> None:
@@ -326,7 +331,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
             await self._engine.complete_failure(
                 session, run_id=c.run_id, lease_id=c.lease_id,
                 error=convert.error_from_pb(c.failed.error), state=state,
-                retry_at=convert.from_ts(c.failed.retry_at, c.failed.HasField("retry_at")))
+                retry_at=convert.from_ts(c.failed.retry_at, c.failed.HasField("retry_at")),
+                retry_after=convert.from_dur(c.failed.retry_after,
+                                             c.failed.HasField("retry_after")))
         elif outcome == "suspended":
             await self._engine.complete_suspended(
                 session, run_id=c.run_id, lease_id=c.lease_id,
