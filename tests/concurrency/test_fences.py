@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -15,6 +15,7 @@ from ratchet_server import model
 from ratchet_server.engine import errors, timers
 from ratchet_server.engine.engine import Engine, EngineConfig, LeasePush, Session, TriggerSpec
 from ratchet_server.store import Store, open_store
+from tests.harness import eventually
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(60)]
 
@@ -82,10 +83,7 @@ async def test_a_failure_reported_just_after_the_reaper_decides_the_attempt(
             got = await pg_store.get_run("dev", run.id)
             return got is not None and got.status is model.RunStatus.QUEUED
 
-        deadline = time.monotonic() + 5
-        while not await requeued():
-            assert time.monotonic() < deadline, "the reaper never requeued the run"
-            await asyncio.sleep(0.05)
+        await eventually(requeued, timeout=5, what="the reaper to requeue the run")
         await engine.complete_failure(
             session, run_id=run.id, lease_id=str(run.lease_id), state=None,
             error=model.ErrorInfo(type="BadInput", message="never again", non_retryable=True))

@@ -9,7 +9,7 @@ Afterwards the invariant check must find no stranded run.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import random
 import secrets
 import time
@@ -24,6 +24,7 @@ from ratchet_server.engine import errors, timers
 from ratchet_server.engine.engine import Engine, EngineConfig, Session, TriggerSpec
 from ratchet_server.engine.ids import new_id
 from ratchet_server.store import Store, open_store
+from tests.harness import eventually
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
 
@@ -148,9 +149,8 @@ async def test_timer_and_suspension_never_miss_each_other(engine: Engine) -> Non
                 return False
         return True
 
-    deadline = time.monotonic() + 5
-    while not await all_woken() and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    with contextlib.suppress(AssertionError):
+        await eventually(all_woken, timeout=5, what="every run to wake")
     assert await stranded(engine.store, [r.id for r in runs]) == []
     assert await all_woken()
 
@@ -189,9 +189,8 @@ async def test_children_finishing_as_the_parent_suspends(engine: Engine) -> None
                 return False
         return True
 
-    deadline = time.monotonic() + 5
-    while not await all_woken() and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    with contextlib.suppress(AssertionError):
+        await eventually(all_woken, timeout=5, what="every parent to wake")
     assert await stranded(engine.store, [p.id for p in parents]) == []
     assert await all_woken()
 
