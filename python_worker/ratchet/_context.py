@@ -22,7 +22,15 @@ from typing import Any, Protocol, TypeVar
 
 import pydantic
 
-from ratchet._codec import error_from_exception, error_to_pb, timestamp, to_json, trigger_options
+from ratchet import _process
+from ratchet._codec import (
+    duration,
+    error_from_exception,
+    error_to_pb,
+    timestamp,
+    to_json,
+    trigger_options,
+)
 from ratchet._errors import ChildRunFailedError, StepFailedError, TokenTimeoutError
 from ratchet._retry import NO_RETRY, Retry
 from ratchet._types import RunError
@@ -77,6 +85,8 @@ class Context:
         journal: Journal,
         executor: concurrent.futures.Executor | None = None,
         sleep_threshold: float = 5.0,
+        processes: _process.ProcessPool | None = None,
+        clock_offset: float = 0.0,
     ) -> None:
         self.run_id = run_id
         self.task_id = task_id
@@ -87,6 +97,10 @@ class Context:
         self._steps = dict(steps)
         self._journal = journal
         self._executor = executor
+        self._processes = processes
+        # The coordinator's clock minus this worker's (LeaseGrant.sent_at): the
+        # snapshot's wake_at times are on the coordinator's clock.
+        self._clock_offset = clock_offset
         self._uses: dict[str, int] = {}
         self._sent_state = to_json(state)
         self._cancelled = False
@@ -138,16 +152,24 @@ class Context:
         fn: Callable[..., Awaitable[T]] | Callable[..., T],
         *args: Any,
         retry: Retry | None = None,
+        executor: str | None = None,
         **kwargs: Any,
     ) -> T:
         """Run `fn(*args, **kwargs)` as a durable step named `name`.
 
         Once the step has completed, its stored result is returned at once on
         every later attempt or replay, and `fn` is not called again. `fn` may
-        be sync (it then runs in a thread, so heartbeats never stall) or
-        async. Its result must be JSON-serialisable (pydantic models allowed);
-        what you get back is the JSON round trip, validated against `fn`'s
-        return annotation when it has one, so live runs and replays agree.
+        be sync (it then runs in a thread, so heartbeats go on while it
+        computes in Python) or async. Its result must be JSON-serialisable
+        (pydantic models allowed); what you get back is the JSON round trip,
+        validated against `fn`'s return annotation when it has one, so live
+        runs and replays agree.
+
+        `executor="process"` runs a sync `fn` in a child process of the
+        worker instead of a thread: for code that holds the GIL for long (C
+        code such as a backtracking regex), which would otherwise freeze the
+        worker's heartbeats and cost the lease. `fn` must be a module-level
+        function; arguments and result are pickled (see `ratchet._process`).
 
         Without `retry`, a failure raises `StepFailedError` and the run
         attempt's own retry policy applies. With `retry`, failed attempts are
@@ -160,6 +182,7 @@ class Context:
         record = self._steps.get(key)
         if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
             return typing.cast(T, decode(json.loads(record.output or b"null")))
+        call = self._caller(fn, executor)
         policy = retry or NO_RETRY
         attempts = record.attempts if record is not None else 0
         # A step still RUNNING was retrying when its worker stopped: keep counting.
@@ -168,16 +191,32 @@ class Context:
         base = record.retry_base if running and record is not None else attempts
         if running and record is not None and record.HasField("wake_at"):
             # Resumed during a backoff: the next attempt is not due yet, maybe.
-            await self._wait_for_retry(key, record.wake_at.ToNanoseconds() / 1e9,
-                                       executing=False)
+            await self._wait_for_retry(key, self._local(record.wake_at), executing=False)
         with self._executing():
-            value = await self._attempts(key, fn, args, kwargs, policy, attempts, base, decode)
+            value = await self._attempts(key, call, args, kwargs, policy, attempts, base, decode)
         return typing.cast(T, value)
+
+    def _caller(self, fn: Callable[..., Any], executor: str | None
+                ) -> Callable[[tuple[Any, ...], dict[str, Any]], Awaitable[Any]]:
+        """How to call a step's function: awaited, in a thread, or in a process."""
+        if executor not in (None, "thread", "process"):
+            raise ValueError(f"executor must be 'thread' or 'process', not {executor!r}")
+        if executor != "process":
+            return lambda args, kwargs: _call(fn, args, kwargs, self._executor)
+        target = _process.reference(fn)  # TypeError now, not at each attempt
+        processes = self._processes
+        if processes is None:
+            raise RuntimeError("executor='process' needs a Context created by a ratchet.Worker")
+        return lambda args, kwargs: processes.run(target, args, kwargs)
+
+    def _local(self, when: Any) -> float:
+        """A time of the snapshot (coordinator's clock) on this worker's clock."""
+        return float(when.ToNanoseconds()) / 1e9 - self._clock_offset
 
     async def _attempts(
         self,
         key: str,
-        fn: Callable[..., Any],
+        call: Callable[[tuple[Any, ...], dict[str, Any]], Awaitable[Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         policy: Retry,
@@ -190,7 +229,7 @@ class Context:
             started = time.time()
             token = _current_step.set(key)
             try:
-                value = await _call(fn, args, kwargs, self._executor)
+                value = await call(args, kwargs)
                 output = to_json(value)
             except asyncio.CancelledError:
                 raise
@@ -212,12 +251,13 @@ class Context:
                     delay = min(policy.max_delay, float(retry_after))
                 self.logger.warning("step %s attempt %d failed (%s); retrying in %.2fs",
                                     key, attempt, error.type, delay)
-                # The due time goes to the coordinator only when the run will
-                # suspend for it; a short wait stays in this process.
+                # The wait goes to the coordinator only when the run will
+                # suspend for it; a short wait stays in this process. As a
+                # duration: the coordinator's clock decides when it is due.
                 long_wait = delay > self._sleep_threshold
                 await self._checkpoint(
                     key, worker_pb2.STEP_EVENT_RETRYING, attempt, base, started, finished,
-                    error=error_to_pb(error), retry_at=finished + delay if long_wait else None)
+                    error=error_to_pb(error), retry_after=delay if long_wait else None)
                 await self._wait_for_retry(key, finished + delay)
                 continue
             finally:
@@ -235,38 +275,45 @@ class Context:
         seconds = duration.total_seconds() if isinstance(duration, dt.timedelta) else duration
         if seconds < 0:
             raise ValueError("a sleep cannot be negative")
-        await self._sleep(name, lambda: time.time() + float(seconds))
+        await self._sleep(name, lambda: float(seconds))
 
     async def sleep_until(self, name: str, when: dt.datetime) -> None:
-        """Wait durably until `when` (an aware datetime; naive means UTC)."""
+        """Wait durably until `when` (an aware datetime; naive means UTC).
+
+        `when` is turned into a duration on this worker's clock when the
+        sleep begins; from then on the coordinator counts it on its own
+        clock. So the wall-clock target is `when` as this worker sees it: a
+        worker whose clock is off by a minute wakes a minute early or late,
+        but a long sleep never ends at once because of it."""
         if when.tzinfo is None:
             when = when.replace(tzinfo=dt.UTC)
-        await self._sleep(name, when.timestamp)
+        await self._sleep(name, lambda: when.timestamp() - time.time())
 
-    async def _sleep(self, name: str, due: Callable[[], float]) -> None:
+    async def _sleep(self, name: str, length: Callable[[], float]) -> None:
         key = self._key(name)
         record = self._steps.get(key)
         if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
             return
-        if record is not None and record.HasField("wake_at"):
-            wake_at = record.wake_at.ToNanoseconds() / 1e9
-        else:
-            wake_at = due()
         started = time.time()
-        if wake_at - started <= self._sleep_threshold:
+        if record is not None and record.HasField("wake_at"):
+            remaining = self._local(record.wake_at) - started
+        else:
+            remaining = length()
+        if remaining <= self._sleep_threshold:
             with self._executing():
-                await asyncio.sleep(max(0.0, wake_at - started))
+                await asyncio.sleep(max(0.0, remaining))
                 await self._checkpoint(key, worker_pb2.STEP_EVENT_COMPLETED, 1, 0, started,
                                        time.time(), output=b"null", kind=common_pb2.STEP_KIND_SLEEP)
             return
         if record is None:
             with self._executing():
                 await self._checkpoint(key, worker_pb2.STEP_EVENT_STARTED, 1, 0, started,
-                                       started, kind=common_pb2.STEP_KIND_SLEEP, wake_at=wake_at)
+                                       started, kind=common_pb2.STEP_KIND_SLEEP,
+                                       wake_after=remaining)
                 self._steps[key] = common_pb2.Step(
                     key=key, kind=common_pb2.STEP_KIND_SLEEP,
                     status=common_pb2.STEP_STATUS_RUNNING, attempts=1,
-                    wake_at=timestamp(wake_at))
+                    wake_at=timestamp(started + remaining + self._clock_offset))
         await self._block(key)
 
     async def create_token(self, name: str, *,
@@ -279,17 +326,19 @@ class Context:
         if record is not None:
             return record.token_id
         seconds = timeout.total_seconds() if isinstance(timeout, dt.timedelta) else timeout
+        if seconds is not None and seconds < 0:
+            raise ValueError("a token timeout cannot be negative")
         token_id = "tok_" + secrets.token_urlsafe(24)
         now = time.time()
-        wake_at = None if seconds is None else now + float(seconds)
         with self._executing():
             await self._checkpoint(key, worker_pb2.STEP_EVENT_STARTED, 1, 0, now, now,
-                                   kind=common_pb2.STEP_KIND_TOKEN, wake_at=wake_at,
+                                   kind=common_pb2.STEP_KIND_TOKEN,
+                                   wake_after=None if seconds is None else float(seconds),
                                    token_id=token_id)
         self._steps[key] = common_pb2.Step(
             key=key, kind=common_pb2.STEP_KIND_TOKEN, status=common_pb2.STEP_STATUS_RUNNING,
             attempts=1, token_id=token_id,
-            wake_at=None if wake_at is None else timestamp(wake_at))
+            wake_at=None if seconds is None else timestamp(now + seconds + self._clock_offset))
         return token_id
 
     async def wait_for_token(self, token: str) -> Any:
@@ -447,18 +496,24 @@ class Context:
         *,
         output: bytes = b"",
         error: common_pb2.ErrorInfo | None = None,
-        retry_at: float | None = None,
+        retry_after: float | None = None,
         kind: int = common_pb2.STEP_KIND_RUN,
-        wake_at: float | None = None,
+        wake_after: float | None = None,
         token_id: str = "",
     ) -> None:
         checkpoint = worker_pb2.Checkpoint(
             lease_id=self._lease_id, run_id=self.run_id, step_key=key,
             kind=kind, event=event,  # type: ignore[arg-type]
             attempt=attempt, output=output, error=error, started_at=timestamp(started),
-            finished_at=timestamp(finished), retry_base=base,
-            retry_at=None if retry_at is None else timestamp(retry_at),
-            wake_at=None if wake_at is None else timestamp(wake_at), token_id=token_id)
+            finished_at=timestamp(finished), retry_base=base, token_id=token_id)
+        # Durations decide (the coordinator's clock); the absolute times are
+        # for coordinators older than the duration fields.
+        if retry_after is not None:
+            checkpoint.retry_after.CopyFrom(duration(retry_after))
+            checkpoint.retry_at.CopyFrom(timestamp(time.time() + retry_after))
+        if wake_after is not None:
+            checkpoint.wake_after.CopyFrom(duration(wake_after))
+            checkpoint.wake_at.CopyFrom(timestamp(time.time() + wake_after))
         async with self._write_lock:
             state = self._state_update()
             if state is not None:

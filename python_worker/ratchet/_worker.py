@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from ratchet import __version__, _context
+from ratchet import __version__, _context, _process
 from ratchet._codec import duration, error_from_exception, error_to_pb, retry_to_pb, timestamp
 from ratchet._context import Context
 from ratchet._errors import LeaseLostError, NonRetryableError, RatchetError
@@ -72,6 +72,7 @@ class _Execution:
     ctx: Context | None = None
     task: asyncio.Task[None] | None = None
     release_on_cancel: bool = False
+    clock_offset: float = 0.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -128,6 +129,8 @@ class Worker:
         # Sync steps run here. Not the loop's default executor: a step that
         # ignores cancellation must not keep a drained worker from exiting.
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        # Steps with executor="process"; its children start on first use.
+        self._processes: _process.ProcessPool | None = None
 
     @property
     def running(self) -> int:
@@ -152,6 +155,7 @@ class Worker:
                     loop.add_signal_handler(sig, self.stop)
         self._threads = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(8, 2 * self.slots), thread_name_prefix="ratchet-step")
+        self._processes = _process.ProcessPool(max_workers=self.slots)
         connection = asyncio.create_task(self._connect_loop(), name="ratchet-worker-connection")
         stopper = asyncio.create_task(self._stop_event.wait())
         try:
@@ -176,6 +180,7 @@ class Worker:
                     with contextlib.suppress(NotImplementedError, RuntimeError):
                         loop.remove_signal_handler(sig)
             self._threads.shutdown(wait=False, cancel_futures=True)
+            self._processes.shutdown()
 
     async def _drain(self) -> None:
         """Stop taking runs, let running ones finish, give the rest back.
@@ -252,6 +257,7 @@ class Worker:
         metadata = (("authorization", f"Bearer {self._api_key}"),) if self._api_key else None
         call = stub.Session(requests(), metadata=metadata)
         heartbeat: asyncio.Task[None] | None = None
+        watch: asyncio.Task[None] | None = None
         try:
             first = await call.read()
             if first is grpc.aio.EOF or first.WhichOneof("kind") != "welcome":
@@ -265,6 +271,8 @@ class Worker:
             log.info("connected to %s as session %s", self.coordinator, welcome.session_id)
             interval = welcome.heartbeat_interval.ToNanoseconds() / 1e9 or 5.0
             heartbeat = asyncio.create_task(self._heartbeat(outbound, interval))
+            lease_ttl = welcome.lease_ttl.ToNanoseconds() / 1e9 or 30.0
+            watch = asyncio.create_task(_watch_loop(lease_ttl))
             while True:
                 response = await call.read()
                 if response is grpc.aio.EOF:
@@ -275,6 +283,8 @@ class Worker:
             self.connected.clear()
             if heartbeat is not None:
                 heartbeat.cancel()
+            if watch is not None:
+                watch.cancel()
             outbound.put_nowait(None)
             call.cancel()
 
@@ -366,7 +376,11 @@ class Worker:
     # --- executions -------------------------------------------------------------------
 
     def _start(self, grant: worker_pb2.LeaseGrant) -> None:
-        execution = _Execution(lease_id=grant.lease_id, run_id=grant.run_id)
+        # Read as the grant arrives: the coordinator's clock minus ours.
+        offset = grant.sent_at.ToNanoseconds() / 1e9 - time.time() \
+            if grant.HasField("sent_at") else 0.0
+        execution = _Execution(lease_id=grant.lease_id, run_id=grant.run_id,
+                               clock_offset=offset)
         self._executions[grant.lease_id] = execution
         if self._stopping:
             execution.release_on_cancel = True
@@ -385,7 +399,8 @@ class Worker:
                           lease_id=lease_id, steps={s.key: s for s in snapshot.steps},
                           state=json.loads(snapshot.state) if snapshot.state else {},
                           journal=journal, executor=self._threads,
-                          sleep_threshold=self._sleep_threshold)
+                          sleep_threshold=self._sleep_threshold, processes=self._processes,
+                          clock_offset=execution.clock_offset)
             execution.ctx = ctx
             _context._current_context.set(ctx)
             try:
@@ -411,16 +426,19 @@ class Worker:
                 error = error_from_exception(exc, attempt=grant.attempt)
                 log.warning("run %s attempt %d failed: %s: %s", run_id, grant.attempt,
                             error.type, error.message)
-                retry_at: float | None = None
+                retry_after: float | None = None
                 if task is not None and task.catch_error is not None:
-                    error, retry_at = await _catch_error(ctx, task, error)
+                    error, retry_after = await _catch_error(ctx, task, error)
                 last = error.non_retryable or (
                     grant.HasField("retry") and grant.attempt >= grant.retry.max_attempts)
                 if last and task is not None and task.on_failure is not None:
                     await _on_failure(ctx, task, error)
                 failed = worker_pb2.Failed(error=error_to_pb(error))
-                if retry_at is not None:
-                    failed.retry_at.CopyFrom(timestamp(retry_at))
+                if retry_after is not None:
+                    # A duration: the coordinator's clock decides when it is
+                    # due. retry_at is for coordinators older than retry_after.
+                    failed.retry_after.CopyFrom(duration(retry_after))
+                    failed.retry_at.CopyFrom(timestamp(time.time() + retry_after))
                 outcome = worker_pb2.Complete(lease_id=lease_id, run_id=run_id, failed=failed)
                 with contextlib.suppress(TypeError):  # a state that cannot be saved stays behind
                     state = ctx._state_update()
@@ -466,7 +484,10 @@ class Worker:
 async def _catch_error(
     ctx: Context, task: Task[Any, Any], error: RunError
 ) -> tuple[RunError, float | None]:
-    """Let the task's catch_error hook decide about a failed attempt."""
+    """Let the task's catch_error hook decide about a failed attempt: the
+    error to record, and how long until the next attempt (None: the policy's
+    backoff). A time the hook names is turned into a delay on this worker's
+    clock now, as `ctx.sleep_until` does."""
     hook = task.catch_error
     assert hook is not None
     try:
@@ -485,10 +506,30 @@ async def _catch_error(
     if decision.action == "replace" and decision.error is not None:
         return decision.error, None
     if decision.action == "retry_in":
-        return error, now + (decision.at or 0.0)
+        return error, max(0.0, decision.at or 0.0)
     if decision.action == "retry":
-        return error, now if not decision.at else decision.at
+        return error, 0.0 if not decision.at else max(0.0, decision.at - now)
     return error, None
+
+
+async def _watch_loop(lease_ttl: float) -> None:
+    """Warn when the event loop stood still for a third of the lease TTL:
+    heartbeats leave from this loop, so a longer stall costs the leases. The
+    usual cause is a sync step holding the GIL in C code; `executor="process"`
+    runs such a step where it cannot stall the worker."""
+    loop = asyncio.get_running_loop()
+    limit = lease_ttl / 3
+    tick = min(0.1, limit / 4)
+    while True:
+        before = loop.time()
+        await asyncio.sleep(tick)
+        stalled = loop.time() - before - tick
+        if stalled > limit:
+            log.warning(
+                "the event loop was blocked for %.1fs (lease TTL %.1fs): no heartbeat could "
+                "be sent meanwhile. A sync step holding the GIL in C code (a regex, a C "
+                "extension) does this; run it with ctx.step(..., executor=\"process\")",
+                stalled, lease_ttl)
 
 
 async def _on_failure(ctx: Context, task: Task[Any, Any], error: RunError) -> None:

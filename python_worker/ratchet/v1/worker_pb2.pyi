@@ -135,7 +135,7 @@ class Snapshot(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.Step, _Mapping]]] = ..., state: _Optional[bytes] = ...) -> None: ...
 
 class LeaseGrant(_message.Message):
-    __slots__ = ("lease_id", "run_id", "task_id", "attempt", "snapshot", "expires_at", "retry")
+    __slots__ = ("lease_id", "run_id", "task_id", "attempt", "snapshot", "expires_at", "retry", "sent_at")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class LeaseGrant(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     run_id: str
     task_id: str
@@ -150,10 +151,11 @@ class LeaseGrant(_message.Message):
     snapshot: Snapshot
     expires_at: _timestamp_pb2.Timestamp
     retry: _common_pb2.RetryPolicy
-    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ...) -> None: ...
+    sent_at: _timestamp_pb2.Timestamp
+    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("lease_id", "run_id", "step_key", "kind", "event", "attempt", "output", "error", "started_at", "finished_at", "state", "retry_base", "retry_at", "wake_at", "token_id")
+    __slots__ = ("lease_id", "run_id", "step_key", "kind", "event", "attempt", "output", "error", "started_at", "finished_at", "state", "retry_base", "retry_at", "wake_at", "token_id", "wake_after", "retry_after")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +171,8 @@ class Checkpoint(_message.Message):
     RETRY_AT_FIELD_NUMBER: _ClassVar[int]
     WAKE_AT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    WAKE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     run_id: str
     step_key: str
@@ -184,7 +188,9 @@ class Checkpoint(_message.Message):
     retry_at: _timestamp_pb2.Timestamp
     wake_at: _timestamp_pb2.Timestamp
     token_id: str
-    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step_key: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.StepKind, str]] = ..., event: _Optional[_Union[StepEvent, str]] = ..., attempt: _Optional[int] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[bytes] = ..., retry_base: _Optional[int] = ..., retry_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., wake_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_id: _Optional[str] = ...) -> None: ...
+    wake_after: _duration_pb2.Duration
+    retry_after: _duration_pb2.Duration
+    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step_key: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.StepKind, str]] = ..., event: _Optional[_Union[StepEvent, str]] = ..., attempt: _Optional[int] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[bytes] = ..., retry_base: _Optional[int] = ..., retry_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., wake_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_id: _Optional[str] = ..., wake_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Succeeded(_message.Message):
     __slots__ = ("output",)
@@ -193,12 +199,14 @@ class Succeeded(_message.Message):
     def __init__(self, output: _Optional[bytes] = ...) -> None: ...
 
 class Failed(_message.Message):
-    __slots__ = ("error", "retry_at")
+    __slots__ = ("error", "retry_at", "retry_after")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RETRY_AT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
     error: _common_pb2.ErrorInfo
     retry_at: _timestamp_pb2.Timestamp
-    def __init__(self, error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., retry_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    retry_after: _duration_pb2.Duration
+    def __init__(self, error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., retry_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Suspended(_message.Message):
     __slots__ = ("step_keys",)
