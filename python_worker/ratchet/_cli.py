@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-type", default=None, help="only runs failed with this error type")
     p.add_argument("--since", type=duration, default=None, help="only runs created this recently")
     p.add_argument("--include-discarded", action="store_true")
+    p.add_argument("--stuck", action="store_true",
+                   help="only unfinished runs that nothing would move again, and why "
+                        "(the reconciler's check; admin key)")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     _client_args(p)
@@ -331,7 +334,17 @@ async def _trigger(args: argparse.Namespace) -> int:
 
 async def _runs(args: argparse.Namespace) -> int:
     async with Client(args.coordinator, api_key=args.api_key) as client:
-        if args.runs_command == "list":
+        if args.runs_command == "list" and args.stuck:
+            found = await client.stuck(args.limit)
+            if args.json:
+                print(json.dumps([{**r.to_dict(), "stuck_because": why} for r, why in found],
+                                 indent=2))
+            else:
+                for r, why in found:
+                    print(f"{r.id}  {r.task_id:<24} {r.status.value:<10} {why}")
+                if not found:
+                    print("no stuck runs")
+        elif args.runs_command == "list":
             since = None if args.since is None else time.time() - args.since
             runs, _ = await client.list(status=args.status or None, task=args.task,
                                         tag=args.tag, parent=args.parent, limit=args.limit,

@@ -137,6 +137,14 @@ class Client:
         response = await self._call(self._runs.ListRuns, request)
         return [run_from_pb(r) for r in response.runs], response.next_page_token
 
+    async def stuck(self, limit: int = 100) -> builtins.list[tuple[Run, str]]:
+        """Unfinished runs that nothing would move again, each with the reason
+        (summaries; admin keys only). Each coordinator's reconciler repairs
+        them within its interval; this only shows them."""
+        response = await self._call(self._runs.ListStuckRuns,
+                                    run_pb2.ListStuckRunsRequest(limit=limit))
+        return [(run_from_pb(s.run), s.reason) for s in response.runs]
+
     async def cancel(self, run_id: str, reason: str = "") -> Run:
         """Cancel a run that is not final; its worker is told to stop."""
         response = await self._call(self._runs.CancelRun,

@@ -85,6 +85,11 @@ class RunServiceStub:
                 request_serializer=ratchet_dot_v1_dot_run__pb2.DiscardRunRequest.SerializeToString,
                 response_deserializer=ratchet_dot_v1_dot_run__pb2.DiscardRunResponse.FromString,
                 _registered_method=True)
+        self.ListStuckRuns = channel.unary_unary(
+                '/ratchet.v1.RunService/ListStuckRuns',
+                request_serializer=ratchet_dot_v1_dot_run__pb2.ListStuckRunsRequest.SerializeToString,
+                response_deserializer=ratchet_dot_v1_dot_run__pb2.ListStuckRunsResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -179,6 +184,17 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListStuckRuns(self, request, context):
+        """ListStuckRuns lists the environment's unfinished runs that nothing would
+        ever move again: the invariant check each coordinator's reconciler runs
+        (a WAITING run whose wait has ended, a RUNNING run no reaper would take
+        back, ...). Admin keys only. It changes nothing: the reconciler repairs
+        such runs within its interval and records a "repaired" history event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +247,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.DiscardRun,
                     request_deserializer=ratchet_dot_v1_dot_run__pb2.DiscardRunRequest.FromString,
                     response_serializer=ratchet_dot_v1_dot_run__pb2.DiscardRunResponse.SerializeToString,
+            ),
+            'ListStuckRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStuckRuns,
+                    request_deserializer=ratchet_dot_v1_dot_run__pb2.ListStuckRunsRequest.FromString,
+                    response_serializer=ratchet_dot_v1_dot_run__pb2.ListStuckRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -504,6 +525,33 @@ class RunService:
             '/ratchet.v1.RunService/DiscardRun',
             ratchet_dot_v1_dot_run__pb2.DiscardRunRequest.SerializeToString,
             ratchet_dot_v1_dot_run__pb2.DiscardRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStuckRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratchet.v1.RunService/ListStuckRuns',
+            ratchet_dot_v1_dot_run__pb2.ListStuckRunsRequest.SerializeToString,
+            ratchet_dot_v1_dot_run__pb2.ListStuckRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

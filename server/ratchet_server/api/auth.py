@@ -43,6 +43,7 @@ METHOD_ROLES: dict[str, frozenset[model.Role]] = {
     "/ratchet.v1.RunService/ReplayRun": _CLIENT,
     "/ratchet.v1.RunService/RetryRun": _CLIENT,
     "/ratchet.v1.RunService/DiscardRun": _CLIENT,
+    "/ratchet.v1.RunService/ListStuckRuns": frozenset({model.Role.ADMIN}),
     "/ratchet.v1.SystemService/GetVersion": _ANY,
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import time
@@ -189,6 +191,11 @@ def lease_to_pb(leased: model.LeasedRun, lease_ttl: float) -> worker_pb2.LeaseGr
         # The worker measures the snapshot's wake_at times from this, not
         # from its own clock (protocol §4).
         sent_at=ts(time.time()))
+
+
+def summary(run: model.Run) -> model.Run:
+    """A run without its bodies (payload, output, state), as listings show it."""
+    return dataclasses.replace(run, payload="", output=None, state=None)
 
 
 def summary_view(view: int) -> bool:

@@ -101,6 +101,14 @@ class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
                                         next_page_token=token)
 
     @_unary
+    async def ListStuckRuns(self, request: Any,
+                            context: Any) -> run_pb2.ListStuckRunsResponse:
+        found = await self._engine.stuck_runs(auth.principal().env, request.limit)
+        return run_pb2.ListStuckRunsResponse(runs=[
+            run_pb2.StuckRun(run=convert.run_to_pb(convert.summary(s.run)), reason=s.why)
+            for s in found])
+
+    @_unary
     async def CancelRun(self, request: Any, context: Any) -> run_pb2.CancelRunResponse:
         run = await self._engine.cancel(auth.principal().env, request.run_id, request.reason)
         return run_pb2.CancelRunResponse(run=convert.run_to_pb(run))
@@ -194,7 +202,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
             raise errors.InvalidArgument("the first message of a session must be hello")
         hello = first.hello
         env = who.env
-        tasks = [convert.task_from_pb(env, t) for t in hello.tasks]
+        tasks = [_task_from_pb(env, t) for t in hello.tasks]
         session, adopted = await self._engine.open_session(
             env, hello.worker_id, tasks, hello.slots, list(hello.active_lease_ids),
             protocol_version=hello.protocol_version, key_id=who.key_id)
@@ -340,6 +348,16 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
                 step_keys=list(c.suspended.step_keys), state=state)
         else:
             raise errors.InvalidArgument("complete needs an outcome")
+
+
+def _task_from_pb(env: str, pb: Any) -> model.TaskDef:
+    """A hello is refused whole for one bad task; the message names it."""
+    try:
+        return convert.task_from_pb(env, pb)
+    except errors.InvalidArgument as exc:
+        if repr(pb.id) in str(exc):
+            raise
+        raise errors.InvalidArgument(f"task {pb.id!r}: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -270,6 +270,14 @@ class Engine:
         last = runs[limit - 1]
         return runs[:limit], f"{last.created_at!r}|{last.id}"
 
+    async def stuck_runs(self, env: str, limit: int) -> list[timers.StuckRun]:
+        """What the reconciler would repair in `env` (read only). Runs changed
+        in the last second are left out: a reader may see half of a
+        transition that is still committing."""
+        limit = min(max(limit or 100, 1), 1000)
+        found = await timers.find_stuck(self.store, env=env, settle=1.0, limit=limit)
+        return found[:limit]
+
     async def cancel(self, env: str, run_id: str, reason: str = "") -> model.Run:
         run = await self.store.cancel_run(env, run_id)
         if run is None:

@@ -57,8 +57,8 @@ class StuckRun:
     why: str
 
 
-async def find_stuck(store: Store, *, settle: float = 0.0, page: int = 500,
-                     limit: int | None = None) -> list[StuckRun]:
+async def find_stuck(store: Store, *, env: str | None = None, settle: float = 0.0,
+                     page: int = 500, limit: int | None = None) -> list[StuckRun]:
     """Every unfinished run that nothing would move again (read only).
     `settle` skips runs changed in the last seconds (one transition may be
     half seen by a reader; a committed state never breaks the invariant)."""
@@ -66,7 +66,7 @@ async def find_stuck(store: Store, *, settle: float = 0.0, page: int = 500,
     after = ""
     while True:
         now = time.time()
-        batch = await store.unfinished_runs(after, page, now - settle)
+        batch = await store.unfinished_runs(env, after, page, now - settle)
         for run, waiting_on, steps in batch:
             why = policy.stuck_reason(run, waiting_on, steps, now)
             if why is not None:
@@ -96,7 +96,8 @@ class Reconciler:
 
     async def tick(self) -> list[StuckRun]:
         now = time.time()
-        batch = await self.store.unfinished_runs(self._after, self.page, now - self.settle)
+        batch = await self.store.unfinished_runs(None, self._after, self.page,
+                                                 now - self.settle)
         self._after = "" if len(batch) < self.page else batch[-1][0].id
         repaired: list[StuckRun] = []
         for run, waiting_on, steps in batch:

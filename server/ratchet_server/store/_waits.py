@@ -73,6 +73,7 @@ WHERE steps.token_id = :token_id AND runs.env = :env
 SELECT_UNFINISHED_PAGE = """
 SELECT * FROM runs
 WHERE status IN ('RUNNING', 'WAITING') AND id > :after AND updated_at < :updated_before
+  AND (CAST(:env AS TEXT) IS NULL OR env = :env)
 ORDER BY id
 LIMIT :limit
 """
@@ -186,10 +187,12 @@ def find_token_txn(conn: _sql.Connection, d: _sql.Dialect, env: str,
 
 
 def unfinished_page_txn(
-    conn: _sql.Connection, d: _sql.Dialect, after: str, limit: int, updated_before: float,
+    conn: _sql.Connection, d: _sql.Dialect, env: str | None, after: str, limit: int,
+    updated_before: float,
 ) -> list[tuple[model.Run, tuple[str, ...], dict[str, model.Step]]]:
     rows = conn.execute(d.sql(SELECT_UNFINISHED_PAGE), {
-        "after": after, "limit": limit, "updated_before": updated_before}).fetchall()
+        "env": env, "after": after, "limit": limit,
+        "updated_before": updated_before}).fetchall()
     page = []
     for row in rows:
         keys = waiting_on(row)

@@ -108,7 +108,7 @@ class Store(Protocol):
     async def expire_runs(self, limit: int) -> list[str]: ...
     async def time_out_runs(self, limit: int, error: model.ErrorInfo) -> list[model.LeaseRef]: ...
     async def unfinished_runs(
-        self, after: str, limit: int, updated_before: float
+        self, env: str | None, after: str, limit: int, updated_before: float
     ) -> list[tuple[model.Run, tuple[str, ...], dict[str, model.Step]]]: ...
     async def repair_run(self, run_id: str, still_stuck: _waits.StuckCheck) -> str | None: ...
     async def cancel_children(self, parent_run_id: str) -> list[model.Run]: ...
@@ -479,10 +479,13 @@ class SqlStore(abc.ABC):
         return await self._run(txn)
 
     async def unfinished_runs(
-        self, after: str, limit: int, updated_before: float
+        self, env: str | None, after: str, limit: int, updated_before: float
     ) -> list[tuple[model.Run, tuple[str, ...], dict[str, model.Step]]]:
+        """Unfinished runs that may hold a lease or wait (of `env`, or of
+        every environment), in id order after `after`, each with the steps
+        it waits on; runs changed since `updated_before` are left out."""
         return await self._run(lambda conn: _waits.unfinished_page_txn(
-            conn, self.dialect, after, limit, updated_before))
+            conn, self.dialect, env, after, limit, updated_before))
 
     async def repair_run(self, run_id: str, still_stuck: _waits.StuckCheck) -> str | None:
         def txn(conn: Any) -> str | None:
