@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -12,7 +14,7 @@ import ratchet
 from ratchet.v1 import common_pb2, run_pb2, run_pb2_grpc
 from ratchet_server import model
 from ratchet_server.store import open_store
-from tests.harness import Cluster, run_cli_async
+from tests.harness import Cluster, eventually, run_cli_async
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -244,3 +246,44 @@ async def test_a_stored_out_of_range_time_still_reads_back(database_url: str,
         assert [r.id for r in (await client.list())[0]] == [stored.id]
     finally:
         await cluster.close()
+
+
+async def test_lost_database_connections_are_unavailable(pg_url: str, tmp_path: Path) -> None:
+    """Connections the database ends (an admin, a restart) answer UNAVAILABLE,
+    which clients retry, not UNKNOWN; the coordinator recovers by itself.
+    Only this test's coordinator's connections are ended (by application_name)."""
+    app = f"ratchet-test-{tmp_path.name}"[:60]
+    cluster = Cluster(f"{pg_url}&application_name={app}", tmp_path)
+    server = pg_url.split("?")[0]
+    try:
+        await cluster.start_coordinator()
+        client = cluster.client("client")
+        await client.list()  # the key is cached; the next calls reach the store
+        codes = []
+        ended = 0
+        for _ in range(20):
+            await asyncio.sleep(0.1)  # the pool reopens connections meanwhile
+            with psycopg.connect(server, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = %s", (app,)).fetchone()
+            ended += row[0] if row else 0
+            try:
+                await client.list()
+                codes.append("OK")
+            except ratchet.ClientError as exc:
+                codes.append(exc.code)
+                assert "\n" not in str(exc)
+        assert ended >= 20 and set(codes) <= {"OK", "UNAVAILABLE"}, (ended, codes)
+        assert "UNAVAILABLE" in codes, codes
+
+        async def recovered() -> bool:
+            try:
+                return (await client.list())[0] == []
+            except ratchet.UnavailableError:
+                return False  # another connection ended above, met only now
+
+        await eventually(recovered, timeout=10, what="the coordinator to recover")
+    finally:
+        await cluster.close()
+        print(cluster.logs())

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from ratchet_server import model
-from ratchet_server.store import Store
+from ratchet_server.store import Store, StoreUnavailable
 
 DEV_ENV = "default"
 # How long a revoked key may keep working on a coordinator: lookups are cached
@@ -124,6 +124,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             who = await self._authenticate(details.invocation_metadata)
         except _Denied as denied:
             return _abort_handler(handler, denied.code, denied.message)
+        except StoreUnavailable as exc:  # looking the key up failed: worth retrying
+            return _abort_handler(handler, grpc.StatusCode.UNAVAILABLE, str(exc))
         if who.role not in roles:
             return _abort_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
                                   f"role {who.role.value!r} may not call {details.method}")
