@@ -287,3 +287,30 @@ async def test_lost_database_connections_are_unavailable(pg_url: str, tmp_path: 
     finally:
         await cluster.close()
         print(cluster.logs())
+
+
+NUL_TASKS = '''
+import ratchet
+
+@ratchet.task(id="nul-error", retry=ratchet.Retry(max_attempts=1))
+async def nul_error(ctx: ratchet.Context, payload: dict) -> None:
+    raise ValueError("a NUL \\x00 in the message")
+'''
+
+
+async def test_a_nul_in_a_worker_error_does_not_break_listing(cluster: Cluster,
+                                                               tmp_path: Path) -> None:
+    """An exception message with a NUL was stored as JSON with a \\u0000
+    escape, which Postgres cannot cast to jsonb: every ListRuns filtered by
+    error type then failed for the whole environment."""
+    module = tmp_path / "nul_tasks.py"
+    module.write_text(NUL_TASKS)
+    worker = cluster.start_worker(str(module))
+    await cluster.wait_worker_connected(worker)
+    client = cluster.client("client")
+    run = await client.trigger("nul-error", {})
+    with pytest.raises(ratchet.RunFailedError):
+        await client.result(run.id, timeout=30)
+    runs, _ = await client.list(error_type="ValueError")
+    assert [r.id for r in runs] == [run.id]
+    assert "\x00" not in (runs[0].error.message if runs[0].error else "")

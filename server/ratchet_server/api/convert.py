@@ -92,9 +92,15 @@ def retry_to_pb(retry: Retry) -> common_pb2.RetryPolicy:
 
 
 def error_from_pb(pb: common_pb2.ErrorInfo) -> model.ErrorInfo:
-    return model.ErrorInfo(type=pb.type or "Error", message=pb.message, stack=pb.stack,
-                           non_retryable=pb.non_retryable, step_key=pb.step_key,
-                           attempt=pb.attempt)
+    # A worker's error text is whatever an exception said: a NUL in it is
+    # replaced rather than refused (Postgres could not cast it to jsonb when
+    # ListRuns filters by error type).
+    def clean(text: str) -> str:
+        return text.replace("\x00", "\ufffd")
+
+    return model.ErrorInfo(type=clean(pb.type) or "Error", message=clean(pb.message),
+                           stack=clean(pb.stack), non_retryable=pb.non_retryable,
+                           step_key=clean(pb.step_key), attempt=pb.attempt)
 
 
 def error_to_pb(error: model.ErrorInfo | None) -> common_pb2.ErrorInfo | None:
