@@ -33,7 +33,7 @@ from typing import Any
 
 import ratchet
 from tests.chaos import tasks
-from tests.harness import LEASE_TTL, Cluster, Process, free_port
+from tests.harness import LEASE_TTL, Cluster, Process, free_port, stuck_runs
 
 TTL_SECONDS = float(LEASE_TTL.rstrip("s"))
 NON_FINAL = ["QUEUED", "RUNNING", "WAITING"]
@@ -62,10 +62,12 @@ class Report:
     children: int = 0
     kills: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     re_executions: int = 0
+    stale: int = 0
     leases_lost: int = 0
     unexplained: int = 0
     lost: int = 0
     stuck: int = 0
+    repaired: int = 0
     duplicated: int = 0
     wrong: int = 0
     seconds: float = 0.0
@@ -81,13 +83,15 @@ class Report:
             ("processes exited on their own", self.kills["unexpected_exit"]),
             ("leases lost (history)", self.leases_lost),
             ("step re-executions (explained by a fault)", self.re_executions - self.unexplained),
+            ("  of which under a stale lease (a zombie worker)", self.stale),
             ("step re-executions (unexplained)", self.unexplained),
             ("lost", self.lost),
             ("stuck", self.stuck),
+            ("repaired by the reconciler (were stuck)", self.repaired),
             ("duplicated", self.duplicated),
             ("wrong status or output", self.wrong),
             ("other problems", len(self.problems) - self.unexplained - self.lost - self.stuck
-             - self.duplicated - self.wrong),
+             - self.repaired - self.duplicated - self.wrong),
             ("wall time", f"{self.seconds:.0f} s"),
         ]
         width = max(len(name) for name, _ in rows)
@@ -462,6 +466,9 @@ async def check(chaos: Chaos) -> None:
     report.top_level = sum(1 for run, _ in runs.values() if not run.parent_run_id)
     report.children = report.runs - report.top_level
 
+    # The engine's invariant check (what the reconciler would repair) finds nothing.
+    for line in await stuck_runs(chaos.postgres.url):
+        report.problems.append(f"INVARIANT {line}")
     # Lost: a trigger was acknowledged, and the run is gone.
     for run_id in chaos.triggered:
         if run_id not in runs:
@@ -492,6 +499,13 @@ async def check(chaos: Chaos) -> None:
                                    f"{run.attempt}; steps [{steps}]; history ... {tail}")
             continue
         report.leases_lost += sum(1 for e in events if e.type == "lease_lost")
+        for e in events:
+            if e.type == "repaired":
+                # The reconciler only repairs a run nothing would move again:
+                # a lost wake-up (or another stranding) happened.
+                report.repaired += 1
+                report.problems.append(f"REPAIRED {run.id} ({run.task_id}) at attempt "
+                                       f"{e.attempt}: {e.data}; history: {describe(events)}")
         check_outcome(report, run)
         report.problems += check_history(run, events)
         check_executions(chaos, report, run, events, executions.get(run.id, []))
@@ -550,7 +564,7 @@ def check_history(run: ratchet.Run, events: list[ratchet.RunEvent]) -> list[str]
     twice = [k for k, n in completed.items() if n > 1]
     if twice:
         problems.append(f"{where} steps completed twice: {twice}")
-    missing = {s.key for s in run.steps if s.status == "COMPLETED" and s.kind == "STEP"}
+    missing = {s.key for s in run.steps if s.status == "COMPLETED" and s.kind == "run"}
     missing -= set(completed)
     if missing:
         problems.append(f"{where} completed steps without step_completed: {sorted(missing)}")
@@ -598,6 +612,8 @@ def check_executions(chaos: Chaos, report: Report, run: ratchet.Run,
             completed_at[e.step_key] = e.at.timestamp()
     lost_at = [e.at.timestamp() for e in events
                if e.type in ("lease_lost", "lease_released") and e.at is not None]
+    leases = [(e.at.timestamp(), e.attempt) for e in events
+              if e.type == "leased" and e.at is not None]
     by_key = collections.defaultdict(list)
     for row in rows:
         if row.outcome == "ok":
@@ -607,6 +623,12 @@ def check_executions(chaos: Chaos, report: Report, run: ratchet.Run,
         for before, again in itertools.pairwise(oks):
             report.re_executions += 1
             done = completed_at.get(key)
+            if done is not None and again.started > done and zombie(chaos, again, leases):
+                # A worker that lost its lease without knowing it (it was
+                # stopped, or its coordinator or the database went away) keeps
+                # executing until a write is refused (guarantees §3, Partial).
+                report.stale += 1
+                continue
             if done is not None and again.started > done:
                 report.unexplained += 1
                 report.problems.append(
@@ -620,6 +642,21 @@ def check_executions(chaos: Chaos, report: Report, run: ratchet.Run,
                     f"RE-RAN {run.id} step {key} with no fault to explain it: first pid "
                     f"{before.pid} attempt {before.attempt} at {before.started:.3f}, again pid "
                     f"{again.pid} attempt {again.attempt} at {again.started:.3f}")
+
+
+def zombie(chaos: Chaos, again: Execution, leases: list[tuple[float, int]]) -> bool:
+    """Whether `again` ran under a lease that was no longer current, in a worker a
+    fault could have cut off from its coordinator."""
+    current = max((attempt for at, attempt in leases if at <= again.started), default=0)
+    if again.attempt >= current:
+        return False
+    for start, end, kind, pid in chaos.faults:
+        if kind == "worker_stop" and pid == again.pid:
+            return True
+        if kind in ("coordinator_kill", "postgres_restart") and \
+                start <= again.started <= end + 3 * TTL_SECONDS + 2:
+            return True
+    return False
 
 
 def explained(chaos: Chaos, before: Execution, again: Execution, lost_at: list[float]) -> bool:

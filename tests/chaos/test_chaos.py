@@ -31,6 +31,7 @@ async def _run(config: Config, tmp_path: Path) -> None:
     print(report.table())
     if report.problems:
         print(logs)  # shown by pytest only when the test failed
+        print("\n".join(report.problems))
     assert not report.problems, "\n".join(report.problems[:60])
 
 
