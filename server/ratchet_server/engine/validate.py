@@ -186,7 +186,7 @@ def json_document(data: bytes, what: str, limit: int) -> str:
     try:
         text_ = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise errors.InvalidArgument(f"{what} is not valid UTF-8: {exc}") from None
+        raise errors.InvalidArgument(f"{what} is not valid JSON (not UTF-8): {exc}") from None
     if "\x00" in text_ or ("\\u0000" in text_ and _NUL_ESCAPE.search(text_)):
         raise errors.InvalidArgument(
             f"{what} must not contain NUL characters (\\u0000): the store cannot hold them")
