@@ -789,7 +789,7 @@ async def test_a_wait_ending_after_the_suspension_wakes_the_run(store: Store) ->
 
 
 async def test_a_timer_resolution_is_fenced_by_its_due_time(store: Store) -> None:
-    run, step = await _suspended_on_token(store)
+    _, step = await _suspended_on_token(store)
     late = dataclasses.replace(policy.timer_outcome(step, time.time()), expect_wake_at=123.0)
     assert await store.resolve_waits([late], policy.counts_as_woken) == [False]
 

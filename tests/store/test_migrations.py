@@ -10,11 +10,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from ratchet_server.store import _sql, open_store
+from ratchet_server.store import _dialect, open_store
 
 pytestmark = pytest.mark.timeout(60)
 
-# The columns the queries in store/_sql.py read and write.
+# The columns the queries in store/queries.sql read and write.
 EXPECTED_COLUMNS = {
     "runs": {
         "id", "env", "task_id", "status", "attempt", "payload", "output", "error", "queue",
@@ -38,15 +38,16 @@ EXPECTED_COLUMNS = {
 }
 
 MIGRATION_FILES = {
-    kind: sorted(p.name for p in (Path(_sql.__file__).parent / "migrations" / kind).glob("*.sql"))
+    kind: sorted(p.name for p in
+                 (Path(_dialect.__file__).parent / "migrations" / kind).glob("*.sql"))
     for kind in ("postgres", "sqlite")
 }
 
 
 def columns_written_by_sql() -> dict[str, set[str]]:
-    """Table -> columns named in the INSERT column lists of _sql.py."""
+    """Table -> columns named in the INSERT column lists of queries.sql."""
     found: dict[str, set[str]] = {}
-    for value in vars(_sql).values():
+    for value in _dialect.QUERIES.values():
         if not isinstance(value, str):
             continue
         for table, cols in re.findall(r"INSERT INTO (\w+) \(([^)]*)\)", value):
@@ -56,7 +57,8 @@ def columns_written_by_sql() -> dict[str, set[str]]:
 
 def test_expected_columns_cover_every_insert_in_sql() -> None:
     written = columns_written_by_sql()
-    assert set(written) == {"api_keys", "tasks", "runs", "steps", "run_events"}
+    assert set(written) == {"api_keys", "tasks", "runs", "steps", "run_events",
+                            "ratchet_migrations"}
     for table, cols in written.items():
         assert cols <= EXPECTED_COLUMNS[table], table
 

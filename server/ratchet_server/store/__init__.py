@@ -5,7 +5,7 @@ Only this package runs SQL or imports a database driver.
 
 from __future__ import annotations
 
-from ratchet_server.store.base import Store, StoreDataError, StoreUnavailable
+from ratchet_server.store.contract import Store, StoreDataError, StoreUnavailable
 
 
 class StoreURLError(ValueError):

@@ -18,97 +18,29 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ratchet_server import model
-from ratchet_server.store import _sql
-
-LOCK_RUN = """
-SELECT id, env, status, waiting_on FROM runs WHERE id = :run_id {for_update}
-"""
-
-SELECT_STEPS_BY_KEYS = "SELECT * FROM steps WHERE run_id = :run_id AND key IN {keys}"
-
-RESOLVE_WAIT = """
-UPDATE steps SET
-    status = :status,
-    output = COALESCE(:output, output),
-    error = COALESCE(:error, error),
-    finished_at = COALESCE(:finished_at, finished_at),
-    wake_at = CASE WHEN :clear_wake_at = 1 THEN NULL ELSE wake_at END
-WHERE run_id = :run_id AND key = :key AND status = 'RUNNING'
-  AND (CAST(:expect_wake_at AS DOUBLE PRECISION) IS NULL OR wake_at = :expect_wake_at)
-"""
-
-WAKE_WAITING = """
-UPDATE runs SET status = 'QUEUED', run_at = :now, waiting_on = NULL, updated_at = :now
-WHERE id = :run_id AND status = 'WAITING'
-"""
-
-SELECT_DUE_STEPS = """
-SELECT * FROM steps WHERE status = 'RUNNING' AND wake_at <= :now ORDER BY wake_at LIMIT :limit
-"""
-
-# Candidates only: the engine decides from the children themselves.
-SELECT_CHILD_WAIT_CANDIDATES = """
-SELECT s.run_id, s.key FROM steps AS s
-WHERE s.status = 'RUNNING' AND s.kind = 'child'
-  AND NOT EXISTS (
-    SELECT 1 FROM runs AS c
-    WHERE c.parent_run_id = s.run_id AND c.parent_step_key = s.key
-      AND c.status IN ('QUEUED', 'RUNNING', 'WAITING'))
-LIMIT :limit
-"""
-
-SELECT_CHILD_RUNS = """
-SELECT * FROM runs WHERE parent_run_id = :run_id AND parent_step_key = :key
-ORDER BY child_index
-"""
-
-SELECT_TOKEN_STEP = """
-SELECT steps.*, runs.status AS run_status
-FROM steps JOIN runs ON runs.id = steps.run_id
-WHERE steps.token_id = :token_id AND runs.env = :env
-"""
-
-# The invariant scan pages through unfinished runs that may hold a lease or
-# wait, in id order.
-SELECT_UNFINISHED_PAGE = """
-SELECT * FROM runs
-WHERE status IN ('RUNNING', 'WAITING') AND id > :after AND updated_at < :updated_before
-  AND (CAST(:env AS TEXT) IS NULL OR env = :env)
-ORDER BY id
-LIMIT :limit
-"""
-
-REPAIR_WAITING = """
-UPDATE runs SET status = 'QUEUED', run_at = :now, waiting_on = NULL, updated_at = :now
-WHERE id = :run_id AND status = 'WAITING'
-"""
-
-REPAIR_RUNNING = """
-UPDATE runs SET lease_expires_at = :now, updated_at = :now
-WHERE id = :run_id AND status = 'RUNNING' AND lease_expires_at IS NULL
-"""
+from ratchet_server.store import _dialect, _rows
 
 
-def waiting_on(row: _sql.Row) -> tuple[str, ...]:
+def waiting_on(row: _dialect.Row) -> tuple[str, ...]:
     text = row["waiting_on"]
     return tuple(json.loads(text)) if text else ()
 
 
-def _waiting_steps(conn: _sql.Connection, d: _sql.Dialect, run_id: str,
+def _waiting_steps(conn: _dialect.Connection, d: _dialect.Dialect, run_id: str,
                    keys: Sequence[str]) -> dict[str, model.Step]:
     if not keys:
         return {}
-    rows = conn.execute(d.sql(SELECT_STEPS_BY_KEYS, keys=d.in_list.format(param=":keys")),
+    rows = conn.execute(d.sql("select_steps_by_keys", keys=d.in_list.format(param=":keys")),
                         {"run_id": run_id, "keys": d.in_param(list(keys))}).fetchall()
-    return {r["key"]: _sql.step_from_row(r) for r in rows}
+    return {r["key"]: _rows.step_from_row(r) for r in rows}
 
 
-def lock_run_txn(conn: _sql.Connection, d: _sql.Dialect, run_id: str) -> Any:
-    return conn.execute(d.sql(LOCK_RUN, for_update=d.for_update),
+def lock_run_txn(conn: _dialect.Connection, d: _dialect.Dialect, run_id: str) -> Any:
+    return conn.execute(d.sql("lock_run", for_update=d.for_update),
                         {"run_id": run_id}).fetchone()
 
 
-def wake_if_ready_txn(conn: _sql.Connection, d: _sql.Dialect, run_id: str,
+def wake_if_ready_txn(conn: _dialect.Connection, d: _dialect.Dialect, run_id: str,
                       rule: model.WakeRule, now: float, reason: str) -> bool:
     """Queue a WAITING run again if the engine's rule says a wait of it ended.
     Locks the run row (a no-op when this transaction holds it already)."""
@@ -118,16 +50,16 @@ def wake_if_ready_txn(conn: _sql.Connection, d: _sql.Dialect, run_id: str,
     keys = waiting_on(row)
     if not rule(keys, _waiting_steps(conn, d, run_id, keys), now):
         return False
-    if conn.execute(d.sql(WAKE_WAITING), {"run_id": run_id, "now": now}).rowcount != 1:
+    if conn.execute(d.sql("wake_waiting"), {"run_id": run_id, "now": now}).rowcount != 1:
         return False
-    _sql.insert_events_txn(conn, d, [model.Event(
+    _rows.insert_events_txn(conn, d, [model.Event(
         run_id=run_id, type=model.EventType.RESUMED, at=now,
         data=json.dumps({"reason": reason}))])
     return True
 
 
 def resolve_waits_txn(
-    conn: _sql.Connection, d: _sql.Dialect, resolutions: Sequence[model.WaitResolution],
+    conn: _dialect.Connection, d: _dialect.Dialect, resolutions: Sequence[model.WaitResolution],
     rule: model.WakeRule, now: float,
 ) -> tuple[list[bool], list[str]]:
     """Apply each resolution whose step is still pending; wake the runs that
@@ -139,7 +71,7 @@ def resolve_waits_txn(
         by_run.setdefault(r.run_id, []).append(i)
     applied = [False] * len(resolutions)
     woken: list[str] = []
-    sql = d.sql(RESOLVE_WAIT)
+    sql = d.sql("resolve_wait")
     for run_id in sorted(by_run):
         if lock_run_txn(conn, d, run_id) is None:
             continue
@@ -148,55 +80,59 @@ def resolve_waits_txn(
             r = resolutions[i]
             cur = conn.execute(sql, {
                 "status": r.status.value, "output": r.output,
-                "error": _sql.error_to_json(r.error), "finished_at": r.finished_at,
+                "error": _rows.error_to_json(r.error), "finished_at": r.finished_at,
                 "clear_wake_at": 1 if r.clear_wake_at else 0, "run_id": r.run_id,
                 "key": r.key, "expect_wake_at": r.expect_wake_at})
             if cur.rowcount == 1:
                 applied[i] = True
                 events.extend(r.events)
-        _sql.insert_events_txn(conn, d, events)
+        _rows.insert_events_txn(conn, d, events)
         if events and wake_if_ready_txn(conn, d, run_id, rule, now, "a wait ended"):
             woken.append(run_id)
     return applied, woken
 
 
-def due_steps_txn(conn: _sql.Connection, d: _sql.Dialect, now: float,
+def due_steps_txn(conn: _dialect.Connection, d: _dialect.Dialect, now: float,
                   limit: int) -> list[model.Step]:
-    rows = conn.execute(d.sql(SELECT_DUE_STEPS), {"now": now, "limit": limit}).fetchall()
-    return [_sql.step_from_row(r) for r in rows]
+    rows = conn.execute(d.sql("select_due_steps"), {"now": now, "limit": limit}).fetchall()
+    return [_rows.step_from_row(r) for r in rows]
 
 
 def child_wait_candidates_txn(
-    conn: _sql.Connection, d: _sql.Dialect, limit: int
+    conn: _dialect.Connection, d: _dialect.Dialect, limit: int
 ) -> list[tuple[str, str, list[model.Run]]]:
-    waits = conn.execute(d.sql(SELECT_CHILD_WAIT_CANDIDATES), {"limit": limit}).fetchall()
+    waits = conn.execute(d.sql("select_child_wait_candidates"), {"limit": limit}).fetchall()
     found = []
     for w in waits:
-        children = conn.execute(d.sql(SELECT_CHILD_RUNS),
+        children = conn.execute(d.sql("select_child_runs"),
                                 {"run_id": w["run_id"], "key": w["key"]}).fetchall()
-        found.append((w["run_id"], w["key"], [_sql.run_from_row(c) for c in children]))
+        found.append((w["run_id"], w["key"], [_rows.run_from_row(c) for c in children]))
     return found
 
 
-def find_token_txn(conn: _sql.Connection, d: _sql.Dialect, env: str,
+def find_token_txn(conn: _dialect.Connection, d: _dialect.Dialect, env: str,
                    token_id: str) -> tuple[model.Step, model.RunStatus] | None:
-    row = conn.execute(d.sql(SELECT_TOKEN_STEP), {"token_id": token_id, "env": env}).fetchone()
+    row = conn.execute(d.sql("select_token_step"), {"token_id": token_id, "env": env}).fetchone()
     if row is None:
         return None
-    return _sql.step_from_row(row), model.RunStatus(row["run_status"])
+    return _rows.step_from_row(row), model.RunStatus(row["run_status"])
 
 
 def unfinished_page_txn(
-    conn: _sql.Connection, d: _sql.Dialect, env: str | None, after: str, limit: int,
+    conn: _dialect.Connection, d: _dialect.Dialect, env: str | None, after: str, limit: int,
     updated_before: float,
 ) -> list[tuple[model.Run, tuple[str, ...], dict[str, model.Step]]]:
-    rows = conn.execute(d.sql(SELECT_UNFINISHED_PAGE), {
+    # One snapshot for the runs and their steps: a wake-up committing between
+    # two reads would otherwise look like a run left WAITING.
+    if d.consistent_read:
+        conn.execute(d.consistent_read)
+    rows = conn.execute(d.sql("select_unfinished_page"), {
         "env": env, "after": after, "limit": limit,
         "updated_before": updated_before}).fetchall()
     page = []
     for row in rows:
         keys = waiting_on(row)
-        page.append((_sql.run_from_row(row), keys, _waiting_steps(conn, d, row["id"], keys)))
+        page.append((_rows.run_from_row(row), keys, _waiting_steps(conn, d, row["id"], keys)))
     return page
 
 
@@ -204,7 +140,7 @@ def unfinished_page_txn(
 StuckCheck = Callable[[model.Run, tuple[str, ...], Mapping[str, model.Step]], str | None]
 
 
-def repair_txn(conn: _sql.Connection, d: _sql.Dialect, run_id: str,
+def repair_txn(conn: _dialect.Connection, d: _dialect.Dialect, run_id: str,
                still_stuck: StuckCheck, now: float) -> str | None:
     """Under the run's row lock, check again that the run is stuck (the
     engine's check) and, if so, give it a way on: a WAITING run is queued
@@ -213,16 +149,16 @@ def repair_txn(conn: _sql.Connection, d: _sql.Dialect, run_id: str,
     Returns why it was repaired, or None when it had moved meanwhile."""
     if lock_run_txn(conn, d, run_id) is None:
         return None
-    row = conn.execute(d.sql(_sql.SELECT_RUN_ANY_ENV), {"id": run_id}).fetchone()
-    run = _sql.run_from_row(row)
+    row = conn.execute(d.sql("select_run_any_env"), {"id": run_id}).fetchone()
+    run = _rows.run_from_row(row)
     keys = waiting_on(row)
     why: str | None = still_stuck(run, keys, _waiting_steps(conn, d, run_id, keys))
     if why is None:
         return None
-    sql = REPAIR_WAITING if run.status is model.RunStatus.WAITING else REPAIR_RUNNING
+    sql = "repair_waiting" if run.status is model.RunStatus.WAITING else "repair_running"
     if conn.execute(d.sql(sql), {"run_id": run_id, "now": now}).rowcount != 1:
         return None
-    _sql.insert_events_txn(conn, d, [model.Event(
+    _rows.insert_events_txn(conn, d, [model.Event(
         run_id=run_id, type=model.EventType.REPAIRED, at=now, attempt=run.attempt,
         data=json.dumps({"why": why}))])
     return why

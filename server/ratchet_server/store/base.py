@@ -1,4 +1,4 @@
-"""The store contract, and the implementation both SQL stores share.
+"""The implementation both SQL stores share (the contract is in contract.py).
 
 Each store method is one transaction. The SQL runs in threads (one for
 SQLite, a pool for Postgres), so the coordinator's event loop never blocks on
@@ -15,119 +15,20 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from ratchet._retry import NO_RETRY, Retry
 from ratchet_server import model
-from ratchet_server.store import _sql, _waits
+from ratchet_server.store import _dialect, _rows, _runs, _waits, _writes
 
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-CREATE_MIGRATIONS_TABLE = """
-CREATE TABLE IF NOT EXISTS ratchet_migrations (
-    version     INTEGER PRIMARY KEY,
-    name        TEXT NOT NULL,
-    applied_at  DOUBLE PRECISION NOT NULL
-)
-"""
-
-
-class StoreUnavailable(RuntimeError):
-    """The database could not be reached, or dropped the connection: try again."""
-
-
-class StoreDataError(ValueError):
-    """The database refused a value (a NUL character, a number out of range).
-    The engine validates requests first; this is the last line of defence."""
-
-
-def first_line(exc: BaseException) -> str:
-    """A driver error's message, on one line."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-class Store(Protocol):
-    """What the engine needs from storage. Every method is one transaction."""
-
-    async def connect(self) -> None: ...
-    async def migrate(self) -> list[str]: ...
-    async def close(self) -> None: ...
-
-    async def create_api_key(
-        self, *, key_id: str, env: str, role: model.Role, name: str, key_hash: str
-    ) -> None: ...
-    async def find_api_key(self, key_hash: str) -> model.ApiKey | None: ...
-    async def list_api_keys(self) -> list[model.ApiKeyInfo]: ...
-    async def revoke_api_key(self, key_id: str, now: float) -> bool: ...
-
-    async def upsert_tasks(self, tasks: Sequence[model.TaskDef]) -> None: ...
-    async def get_task(self, env: str, task_id: str) -> model.TaskDef | None: ...
-
-    async def create_runs(self, runs: Sequence[model.NewRun]) -> list[tuple[model.Run, bool]]: ...
-    async def get_run(self, env: str | None, run_id: str) -> model.Run | None: ...
-    async def get_steps(self, run_id: str) -> list[model.Step]: ...
-    async def get_events(self, run_id: str) -> list[dict[str, Any]]: ...
-    async def get_events_page(
-        self, run_id: str, after: int, limit: int
-    ) -> list[dict[str, Any]]: ...
-    async def append_events(self, events: Sequence[model.Event]) -> None: ...
-    async def discard_run(self, env: str, run_id: str) -> model.Run | None: ...
-    async def delete_finished(self, cutoff: float, limit: int) -> int: ...
-    async def replay_run(self, env: str, run_id: str, retry: Retry) -> model.Run | None: ...
-    async def list_runs(
-        self, flt: model.RunFilter, limit: int, cursor: tuple[float, str] | None
-    ) -> list[model.Run]: ...
-    async def cancel_run(self, env: str, run_id: str) -> model.Run | None: ...
-
-    async def lease_ready(
-        self, *, env: str, task_ids: Sequence[str], limit: int, owner: str, nonce: str,
-        ttl: float,
-    ) -> list[model.LeasedRun]: ...
-    async def next_run_at(self, env: str, task_ids: Sequence[str]) -> float | None: ...
-    async def renew_leases(self, owner: str, lease_ids: Sequence[str], ttl: float) -> int: ...
-    async def adopt_leases(
-        self, env: str, lease_ids: Sequence[str], owner: str, ttl: float
-    ) -> list[str]: ...
-    async def expired_leases(self, limit: int) -> list[model.LeaseRef]: ...
-    async def owned_leases(self, owner: str) -> list[model.LeaseRef]: ...
-    async def get_lease(self, run_id: str, lease_id: str) -> model.LeaseRef | None: ...
-    async def apply(self, writes: Sequence[model.FencedWrite]) -> list[bool]: ...
-
-    async def due_steps(self, limit: int) -> list[model.Step]: ...
-    async def child_wait_candidates(
-        self, limit: int
-    ) -> list[tuple[str, str, list[model.Run]]]: ...
-    async def find_token(
-        self, env: str, token_id: str
-    ) -> tuple[model.Step, model.RunStatus] | None: ...
-    async def resolve_waits(
-        self, resolutions: Sequence[model.WaitResolution], rule: model.WakeRule
-    ) -> list[bool]: ...
-    async def expire_runs(self, limit: int) -> list[str]: ...
-    async def time_out_runs(self, limit: int, error: model.ErrorInfo) -> list[model.LeaseRef]: ...
-    async def unfinished_runs(
-        self, env: str | None, after: str, limit: int, updated_before: float
-    ) -> list[tuple[model.Run, tuple[str, ...], dict[str, model.Step]]]: ...
-    async def repair_run(self, run_id: str, still_stuck: _waits.StuckCheck) -> str | None: ...
-    async def cancel_children(self, parent_run_id: str) -> list[model.Run]: ...
-    async def create_children(
-        self, *, parent: str, lease_id: str, step_key: str,
-        children: Sequence[model.NewRun], wait: bool,
-    ) -> list[str] | None: ...
-
-    async def listen(self, callback: Callable[[str], None]) -> None:
-        """Call `callback(env)` when another coordinator made runs ready."""
-        ...
-
-    async def notify_ready(self, env: str) -> None: ...
-
-
 class SqlStore(abc.ABC):
     """Shared implementation over a DB-API connection (sqlite3 or psycopg)."""
 
-    dialect: _sql.Dialect
+    dialect: _dialect.Dialect
 
     def __init__(self, threads: int) -> None:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ratchet-db")
@@ -155,9 +56,9 @@ class SqlStore(abc.ABC):
 
         def txn(conn: Any) -> list[str]:
             self._lock_for_migration(conn)
-            conn.execute(CREATE_MIGRATIONS_TABLE)
+            conn.execute(d.sql("create_migrations_table"))
             done = {r["version"] for r in conn.execute(
-                "SELECT version FROM ratchet_migrations").fetchall()}
+                d.sql("select_migration_versions")).fetchall()}
             applied = []
             for path in files:
                 version = int(path.name.split("_", 1)[0])
@@ -165,8 +66,7 @@ class SqlStore(abc.ABC):
                     continue
                 self._execute_script(conn, path.read_text())
                 conn.execute(
-                    d.sql("INSERT INTO ratchet_migrations (version, name, applied_at) "
-                          "VALUES (:v, :n, :t)"),
+                    d.sql("insert_migration"),
                     {"v": version, "n": path.name, "t": time.time()},
                 )
                 applied.append(path.name)
@@ -187,11 +87,11 @@ class SqlStore(abc.ABC):
     ) -> None:
         params = {"id": key_id, "env": env, "role": role.value, "name": name,
                   "key_hash": key_hash, "now": time.time()}
-        await self._run(lambda c: c.execute(self.dialect.sql(_sql.INSERT_API_KEY), params))
+        await self._run(lambda c: c.execute(self.dialect.sql("insert_api_key"), params))
 
     async def find_api_key(self, key_hash: str) -> model.ApiKey | None:
         def txn(conn: Any) -> model.ApiKey | None:
-            row = conn.execute(self.dialect.sql(_sql.SELECT_API_KEY),
+            row = conn.execute(self.dialect.sql("select_api_key"),
                                {"key_hash": key_hash}).fetchone()
             if row is None:
                 return None
@@ -202,7 +102,7 @@ class SqlStore(abc.ABC):
 
     async def list_api_keys(self) -> list[model.ApiKeyInfo]:
         def txn(conn: Any) -> list[model.ApiKeyInfo]:
-            rows = conn.execute(self.dialect.sql(_sql.LIST_API_KEYS)).fetchall()
+            rows = conn.execute(self.dialect.sql("list_api_keys")).fetchall()
             return [model.ApiKeyInfo(id=r["id"], env=r["env"], role=model.Role(r["role"]),
                                      name=r["name"], created_at=r["created_at"],
                                      revoked_at=r["revoked_at"]) for r in rows]
@@ -212,7 +112,7 @@ class SqlStore(abc.ABC):
     async def revoke_api_key(self, key_id: str, now: float) -> bool:
         """Revoke a key not revoked yet; False if there is no such key to revoke."""
         def txn(conn: Any) -> bool:
-            row = conn.execute(self.dialect.sql(_sql.REVOKE_API_KEY),
+            row = conn.execute(self.dialect.sql("revoke_api_key"),
                                {"id": key_id, "now": now}).fetchone()
             return row is not None
 
@@ -220,13 +120,13 @@ class SqlStore(abc.ABC):
 
     async def upsert_tasks(self, tasks: Sequence[model.TaskDef]) -> None:
         now = time.time()
-        sql = self.dialect.sql(_sql.UPSERT_TASK)
+        sql = self.dialect.sql("upsert_task")
 
         def txn(conn: Any) -> None:
             for t in tasks:
                 conn.execute(sql, {
                     "env": t.env, "id": t.id, "version": t.version, "queue": t.queue,
-                    "retry": _sql.retry_to_json(t.retry), "payload_schema": t.payload_schema,
+                    "retry": _rows.retry_to_json(t.retry), "payload_schema": t.payload_schema,
                     "output_schema": t.output_schema, "max_duration": t.max_duration,
                     "now": now,
                 })
@@ -235,9 +135,9 @@ class SqlStore(abc.ABC):
 
     async def get_task(self, env: str, task_id: str) -> model.TaskDef | None:
         def txn(conn: Any) -> model.TaskDef | None:
-            row = conn.execute(self.dialect.sql(_sql.SELECT_TASK),
+            row = conn.execute(self.dialect.sql("select_task"),
                                {"env": env, "id": task_id}).fetchone()
-            return None if row is None else _sql.task_from_row(row)
+            return None if row is None else _rows.task_from_row(row)
 
         return await self._run(txn)
 
@@ -247,7 +147,7 @@ class SqlStore(abc.ABC):
         d = self.dialect
 
         def txn(conn: Any) -> list[tuple[model.Run, bool]]:
-            result = _sql.create_runs_txn(conn, d, runs, time.time())
+            result = _runs.create_runs_txn(conn, d, runs, time.time())
             if any(created for _, created in result):
                 self._notify_txn(conn, {r.env for r in runs})
             return result
@@ -260,26 +160,26 @@ class SqlStore(abc.ABC):
     async def get_run(self, env: str | None, run_id: str) -> model.Run | None:
         def txn(conn: Any) -> model.Run | None:
             if env is None:
-                row = conn.execute(self.dialect.sql(_sql.SELECT_RUN_ANY_ENV),
+                row = conn.execute(self.dialect.sql("select_run_any_env"),
                                    {"id": run_id}).fetchone()
             else:
-                row = conn.execute(self.dialect.sql(_sql.SELECT_RUN),
+                row = conn.execute(self.dialect.sql("select_run"),
                                    {"env": env, "id": run_id}).fetchone()
-            return None if row is None else _sql.run_from_row(row)
+            return None if row is None else _rows.run_from_row(row)
 
         return await self._run(txn)
 
     async def get_steps(self, run_id: str) -> list[model.Step]:
         def txn(conn: Any) -> list[model.Step]:
-            rows = conn.execute(self.dialect.sql(_sql.SELECT_STEPS),
+            rows = conn.execute(self.dialect.sql("select_steps"),
                                 {"run_id": run_id}).fetchall()
-            return [_sql.step_from_row(r) for r in rows]
+            return [_rows.step_from_row(r) for r in rows]
 
         return await self._run(txn)
 
     async def get_events(self, run_id: str) -> list[dict[str, Any]]:
         def txn(conn: Any) -> list[dict[str, Any]]:
-            rows = conn.execute(self.dialect.sql(_sql.SELECT_EVENTS),
+            rows = conn.execute(self.dialect.sql("select_events"),
                                 {"run_id": run_id}).fetchall()
             return [{k: r[k] for k in ("id", "at", "type", "attempt", "lease_id", "step_key",
                                        "data")} for r in rows]
@@ -290,7 +190,7 @@ class SqlStore(abc.ABC):
         self, run_id: str, after: int, limit: int
     ) -> list[dict[str, Any]]:
         def txn(conn: Any) -> list[dict[str, Any]]:
-            rows = conn.execute(self.dialect.sql(_sql.SELECT_EVENTS_PAGE),
+            rows = conn.execute(self.dialect.sql("select_events_page"),
                                 {"run_id": run_id, "after": after, "limit": limit}).fetchall()
             return [{k: r[k] for k in ("id", "at", "type", "attempt", "lease_id", "step_key",
                                        "data")} for r in rows]
@@ -298,24 +198,24 @@ class SqlStore(abc.ABC):
         return await self._run(txn)
 
     async def append_events(self, events: Sequence[model.Event]) -> None:
-        await self._run(lambda c: _sql.insert_events_txn(c, self.dialect, events))
+        await self._run(lambda c: _rows.insert_events_txn(c, self.dialect, events))
 
     async def discard_run(self, env: str, run_id: str) -> model.Run | None:
         def txn(conn: Any) -> model.Run | None:
             now = time.time()
-            row = conn.execute(self.dialect.sql(_sql.DISCARD_RUN),
+            row = conn.execute(self.dialect.sql("discard_run"),
                                {"env": env, "id": run_id, "now": now}).fetchone()
             if row is None:
                 return None
-            _sql.insert_events_txn(conn, self.dialect, [model.Event(
+            _rows.insert_events_txn(conn, self.dialect, [model.Event(
                 run_id=run_id, type=model.EventType.DISCARDED, at=now)])
-            return _sql.run_from_row(row)
+            return _rows.run_from_row(row)
 
         return await self._run(txn)
 
     async def delete_finished(self, cutoff: float, limit: int) -> int:
         def txn(conn: Any) -> int:
-            cur = conn.execute(self.dialect.sql(_sql.DELETE_FINISHED),
+            cur = conn.execute(self.dialect.sql("delete_finished"),
                                {"cutoff": cutoff, "limit": limit})
             return int(cur.rowcount)
 
@@ -324,13 +224,13 @@ class SqlStore(abc.ABC):
     async def replay_run(self, env: str, run_id: str, retry: Retry) -> model.Run | None:
         def txn(conn: Any) -> model.Run | None:
             now = time.time()
-            row = conn.execute(self.dialect.sql(_sql.REPLAY_RUN), {
+            row = conn.execute(self.dialect.sql("replay_run"), {
                 "env": env, "id": run_id, "now": now,
-                "retry": _sql.retry_to_json(retry)}).fetchone()
+                "retry": _rows.retry_to_json(retry)}).fetchone()
             if row is None:
                 return None
-            run = _sql.run_from_row(row)
-            _sql.insert_events_txn(conn, self.dialect, [model.Event(
+            run = _rows.run_from_row(row)
+            _rows.insert_events_txn(conn, self.dialect, [model.Event(
                 run_id=run.id, type=model.EventType.REPLAYED, at=now, attempt=run.attempt,
                 data=json.dumps({"from": "last checkpoint",
                                  "max_attempts": retry.max_attempts}))])
@@ -343,17 +243,17 @@ class SqlStore(abc.ABC):
         self, flt: model.RunFilter, limit: int, cursor: tuple[float, str] | None
     ) -> list[model.Run]:
         return await self._run(
-            lambda c: _sql.list_runs_txn(c, self.dialect, flt, limit, cursor))
+            lambda c: _runs.list_runs_txn(c, self.dialect, flt, limit, cursor))
 
     async def cancel_run(self, env: str, run_id: str) -> model.Run | None:
         def txn(conn: Any) -> model.Run | None:
             now = time.time()
-            row = conn.execute(self.dialect.sql(_sql.CANCEL_RUN),
+            row = conn.execute(self.dialect.sql("cancel_run"),
                                {"env": env, "id": run_id, "now": now}).fetchone()
             if row is None:
                 return None
-            run = _sql.run_from_row(row)
-            _sql.insert_events_txn(conn, self.dialect, [model.Event(
+            run = _rows.run_from_row(row)
+            _rows.insert_events_txn(conn, self.dialect, [model.Event(
                 run_id=run.id, type=model.EventType.CANCELED, at=now, attempt=run.attempt,
                 lease_id=run.lease_id)])
             return run
@@ -368,7 +268,7 @@ class SqlStore(abc.ABC):
     ) -> list[model.LeasedRun]:
         def txn(conn: Any) -> list[model.LeasedRun]:
             now = time.time()
-            return _sql.lease_ready_txn(conn, self.dialect, env=env, task_ids=task_ids,
+            return _runs.lease_ready_txn(conn, self.dialect, env=env, task_ids=task_ids,
                                         limit=limit, owner=owner, nonce=nonce, now=now,
                                         expires_at=now + ttl)
 
@@ -376,7 +276,7 @@ class SqlStore(abc.ABC):
 
     async def next_run_at(self, env: str, task_ids: Sequence[str]) -> float | None:
         d = self.dialect
-        sql = d.sql(_sql.NEXT_RUN_AT, task_ids=d.in_list.format(param=":task_ids"))
+        sql = d.sql("next_run_at", task_ids=d.in_list.format(param=":task_ids"))
 
         def txn(conn: Any) -> float | None:
             row = conn.execute(sql, {"env": env, "task_ids": d.in_param(task_ids)}).fetchone()
@@ -386,7 +286,7 @@ class SqlStore(abc.ABC):
 
     async def renew_leases(self, owner: str, lease_ids: Sequence[str], ttl: float) -> int:
         d = self.dialect
-        sql = d.sql(_sql.RENEW_LEASES, lease_ids=d.in_list.format(param=":lease_ids"))
+        sql = d.sql("renew_leases", lease_ids=d.in_list.format(param=":lease_ids"))
 
         def txn(conn: Any) -> int:
             cur = conn.execute(sql, {"owner": owner, "lease_ids": d.in_param(lease_ids),
@@ -399,13 +299,13 @@ class SqlStore(abc.ABC):
         self, env: str, lease_ids: Sequence[str], owner: str, ttl: float
     ) -> list[str]:
         d = self.dialect
-        sql = d.sql(_sql.ADOPT_LEASES, lease_ids=d.in_list.format(param=":lease_ids"))
+        sql = d.sql("adopt_leases", lease_ids=d.in_list.format(param=":lease_ids"))
 
         def txn(conn: Any) -> list[str]:
             now = time.time()
             rows = conn.execute(sql, {"env": env, "lease_ids": d.in_param(lease_ids),
                                       "owner": owner, "expires_at": now + ttl}).fetchall()
-            _sql.insert_events_txn(conn, d, (model.Event(
+            _rows.insert_events_txn(conn, d, (model.Event(
                 run_id=r["id"], type=model.EventType.LEASE_ADOPTED, at=now,
                 attempt=r["attempt"], lease_id=r["lease_id"]) for r in rows))
             return [r["lease_id"] for r in rows]
@@ -414,31 +314,31 @@ class SqlStore(abc.ABC):
 
     async def expired_leases(self, limit: int) -> list[model.LeaseRef]:
         def txn(conn: Any) -> list[model.LeaseRef]:
-            rows = conn.execute(self.dialect.sql(_sql.SELECT_EXPIRED_LEASES),
+            rows = conn.execute(self.dialect.sql("select_expired_leases"),
                                 {"now": time.time(), "limit": limit}).fetchall()
-            return [_sql.lease_ref_from_row(r) for r in rows]
+            return [_rows.lease_ref_from_row(r) for r in rows]
 
         return await self._run(txn)
 
     async def owned_leases(self, owner: str) -> list[model.LeaseRef]:
         def txn(conn: Any) -> list[model.LeaseRef]:
-            rows = conn.execute(self.dialect.sql(_sql.SELECT_OWNED_LEASES),
+            rows = conn.execute(self.dialect.sql("select_owned_leases"),
                                 {"owner": owner}).fetchall()
-            return [_sql.lease_ref_from_row(r) for r in rows]
+            return [_rows.lease_ref_from_row(r) for r in rows]
 
         return await self._run(txn)
 
     async def get_lease(self, run_id: str, lease_id: str) -> model.LeaseRef | None:
         def txn(conn: Any) -> model.LeaseRef | None:
-            row = conn.execute(self.dialect.sql(_sql.SELECT_LEASE),
+            row = conn.execute(self.dialect.sql("select_lease"),
                                {"run_id": run_id, "lease_id": lease_id}).fetchone()
-            return None if row is None else _sql.lease_ref_from_row(row)
+            return None if row is None else _rows.lease_ref_from_row(row)
 
         return await self._run(txn)
 
     async def apply(self, writes: Sequence[model.FencedWrite]) -> list[bool]:
         def txn(conn: Any) -> list[bool]:
-            result = _sql.apply_writes_txn(conn, self.dialect, writes, time.time())
+            result = _writes.apply_writes_txn(conn, self.dialect, writes, time.time())
             requeued = {w.run_id for w, ok in zip(writes, result, strict=True)
                         if ok and isinstance(w, model.RunTransition)
                         and w.status in (model.RunStatus.QUEUED, model.RunStatus.WAITING)}
@@ -501,9 +401,9 @@ class SqlStore(abc.ABC):
 
         def txn(conn: Any) -> list[str]:
             now = time.time()
-            rows = conn.execute(d.sql(_sql.EXPIRE_RUNS, skip_locked=d.skip_locked),
+            rows = conn.execute(d.sql("expire_runs", skip_locked=d.skip_locked),
                                 {"now": now, "limit": limit}).fetchall()
-            _sql.insert_events_txn(conn, d, (model.Event(
+            _rows.insert_events_txn(conn, d, (model.Event(
                 run_id=r["id"], type=model.EventType.EXPIRED, at=now, attempt=r["attempt"])
                 for r in rows))
             return [r["id"] for r in rows]
@@ -515,10 +415,10 @@ class SqlStore(abc.ABC):
 
         def txn(conn: Any) -> list[model.LeaseRef]:
             now = time.time()
-            rows = conn.execute(d.sql(_sql.TIME_OUT_RUNS, skip_locked=d.skip_locked),
+            rows = conn.execute(d.sql("time_out_runs", skip_locked=d.skip_locked),
                                 {"now": now, "limit": limit,
-                                 "error": _sql.error_to_json(error)}).fetchall()
-            _sql.insert_events_txn(conn, d, (model.Event(
+                                 "error": _rows.error_to_json(error)}).fetchall()
+            _rows.insert_events_txn(conn, d, (model.Event(
                 run_id=r["id"], type=model.EventType.TIMED_OUT, at=now, attempt=r["attempt"],
                 lease_id=r["lease_id"]) for r in rows))
             return [model.LeaseRef(run_id=r["id"], lease_id=r["lease_id"] or "",
@@ -532,7 +432,7 @@ class SqlStore(abc.ABC):
         children: Sequence[model.NewRun], wait: bool,
     ) -> list[str] | None:
         def txn(conn: Any) -> list[str] | None:
-            ids = _sql.create_children_txn(conn, self.dialect, parent=parent,
+            ids = _runs.create_children_txn(conn, self.dialect, parent=parent,
                                            lease_id=lease_id, step_key=step_key,
                                            children=children, wait=wait, now=time.time())
             if ids:
@@ -544,10 +444,10 @@ class SqlStore(abc.ABC):
     async def cancel_children(self, parent_run_id: str) -> list[model.Run]:
         def txn(conn: Any) -> list[model.Run]:
             now = time.time()
-            rows = conn.execute(self.dialect.sql(_sql.CANCEL_CHILDREN),
+            rows = conn.execute(self.dialect.sql("cancel_children"),
                                 {"parent": parent_run_id, "now": now}).fetchall()
-            runs = [_sql.run_from_row(r) for r in rows]
-            _sql.insert_events_txn(conn, self.dialect, (model.Event(
+            runs = [_rows.run_from_row(r) for r in rows]
+            _rows.insert_events_txn(conn, self.dialect, (model.Event(
                 run_id=r.id, type=model.EventType.CANCELED, at=now, attempt=r.attempt,
                 lease_id=r.lease_id, data=json.dumps({"reason": "parent canceled"}))
                 for r in runs))

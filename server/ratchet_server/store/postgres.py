@@ -16,8 +16,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from ratchet_server.store import _sql
-from ratchet_server.store.base import SqlStore, StoreDataError, StoreUnavailable, first_line
+from ratchet_server.store import _dialect
+from ratchet_server.store.base import SqlStore
+from ratchet_server.store.contract import StoreDataError, StoreUnavailable, first_line
 
 T = TypeVar("T")
 
@@ -28,7 +29,7 @@ DEADLOCK_RETRIES = 3
 
 
 class PostgresStore(SqlStore):
-    dialect = _sql.POSTGRES
+    dialect = _dialect.POSTGRES
 
     def __init__(self, url: str, *, pool_size: int = 4) -> None:
         super().__init__(threads=pool_size)
@@ -63,7 +64,7 @@ class PostgresStore(SqlStore):
                 with self._pool.connection() as conn, conn.transaction():
                     return fn(conn)
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure,
-                    _sql.TransientConflict):
+                    _dialect.TransientConflict):
                 if attempt == DEADLOCK_RETRIES - 1:
                     raise
         raise AssertionError("unreachable")

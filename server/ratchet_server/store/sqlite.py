@@ -8,8 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ratchet_server.store import _sql
-from ratchet_server.store.base import SqlStore, StoreDataError, StoreUnavailable, first_line
+from ratchet_server.store import _dialect
+from ratchet_server.store.base import SqlStore
+from ratchet_server.store.contract import StoreDataError, StoreUnavailable, first_line
 
 T = TypeVar("T")
 
@@ -21,7 +22,7 @@ class SqliteStore(SqlStore):
     SQLite serialises anyway; the event loop never waits on it.
     """
 
-    dialect = _sql.SQLITE
+    dialect = _dialect.SQLITE
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(threads=1)

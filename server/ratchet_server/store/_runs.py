@@ -1,0 +1,169 @@
+"""Transactions that create, lease and list runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from ratchet_server import model
+from ratchet_server.store import _dialect, _rows
+
+
+def create_runs_txn(
+    conn: _dialect.Connection, d: _dialect.Dialect, runs: Sequence[model.NewRun], now: float
+) -> list[tuple[model.Run, bool]]:
+    results: list[tuple[model.Run, bool]] = []
+    plain: list[dict[str, Any]] = []  # no idempotency key: cannot conflict
+    insert_sql = d.sql("insert_run")
+    for new in runs:
+        if new.idempotency_key is None:
+            plain.append(_rows.new_run_params(new, now))
+            results.append((_rows.created_run(new, now), True))
+            continue
+        key = {"env": new.env, "task_id": new.task_id, "key": new.idempotency_key}
+        row = conn.execute(d.sql("select_run_by_idempotency_key"), key).fetchone()
+        if row is not None:
+            expires = row["idempotency_expires_at"]
+            if expires is None or expires > now:
+                results.append((_rows.run_from_row(row), False))
+                continue
+            conn.execute(d.sql("forget_idempotency_key"),
+                         {"id": row["id"], "key": new.idempotency_key})
+        row = conn.execute(insert_sql, _rows.new_run_params(new, now)).fetchone()
+        if row is None:
+            # A concurrent trigger with the same idempotency key won the race
+            # (the insert waited for it to commit, so this statement sees it).
+            row = conn.execute(d.sql("select_run_by_idempotency_key"), key).fetchone()
+            if row is None:
+                raise _dialect.TransientConflict("an idempotency key changed hands meanwhile")
+            results.append((_rows.run_from_row(row), False))
+            continue
+        results.append((_rows.run_from_row(row), True))
+    if plain:
+        conn.cursor().executemany(d.sql("insert_run_plain"), plain)
+    _rows.insert_events_txn(conn, d, (
+        model.Event(run_id=run.id, type=model.EventType.TRIGGERED, at=now)
+        for run, created in results if created))
+    return results
+
+
+def lease_ready_txn(
+    conn: _dialect.Connection,
+    d: _dialect.Dialect,
+    *,
+    env: str,
+    task_ids: Sequence[str],
+    limit: int,
+    owner: str,
+    nonce: str,
+    now: float,
+    expires_at: float,
+) -> list[model.LeasedRun]:
+    sql = d.sql("lease_ready", task_ids=d.in_list.format(param=":task_ids"))
+    rows = conn.execute(
+        sql,
+        {
+            "env": env,
+            "task_ids": d.in_param(task_ids),
+            "limit": limit,
+            "owner": owner,
+            "nonce": nonce,
+            "now": now,
+            "expires_at": expires_at,
+        },
+    ).fetchall()
+    if not rows:
+        return []
+    runs = sorted((_rows.run_from_row(r) for r in rows),
+                  key=lambda r: (-r.priority, r.run_at, r.id))
+    steps: dict[str, list[model.Step]] = {r.id: [] for r in runs}
+    step_rows = conn.execute(
+        d.sql("select_steps_of", ids=d.in_list.format(param=":ids")),
+        {"ids": d.in_param(list(steps))},
+    ).fetchall()
+    for row in step_rows:
+        steps[row["run_id"]].append(_rows.step_from_row(row))
+    _rows.insert_events_txn(
+        conn,
+        d,
+        (
+            model.Event(run_id=r.id, type=model.EventType.LEASED, at=now, attempt=r.attempt,
+                        lease_id=r.lease_id, data=json.dumps({"owner": owner}))
+            for r in runs
+        ),
+    )
+    return [model.LeasedRun(run=r, steps=tuple(steps[r.id])) for r in runs]
+
+
+def create_children_txn(
+    conn: _dialect.Connection, d: _dialect.Dialect, *, parent: str, lease_id: str, step_key: str,
+    children: Sequence[model.NewRun], wait: bool, now: float,
+) -> list[str] | None:
+    """Create a step's child runs once; None if the parent's lease is not current."""
+    if conn.execute(d.sql("fence_parent"), {"run_id": parent, "lease_id": lease_id,
+                                          "now": now}).rowcount != 1:
+        return None
+    existing = conn.execute(d.sql("select_children"), {"run_id": parent, "key": step_key})
+    ids = [r["id"] for r in existing.fetchall()]
+    if ids:
+        return ids  # a replay of the parent: the children exist already
+    conn.cursor().executemany(d.sql("insert_run_plain"), [_rows.new_run_params(c, now)
+                                                       for c in children])
+    ids = [c.id for c in children]
+    conn.execute(d.sql("upsert_step"), {
+        "run_id": parent, "key": step_key, "kind": model.StepKind.CHILD.value,
+        "status": (model.StepStatus.RUNNING if wait else model.StepStatus.COMPLETED).value,
+        "attempts": 1, "retry_base": 0, "output": None if wait else json.dumps(ids),
+        "error": None, "now": now, "started_at": now, "finished_at": None if wait else now,
+        "wake_at": None, "token_id": None})
+    _rows.insert_events_txn(conn, d, [
+        *(model.Event(run_id=c.id, type=model.EventType.TRIGGERED, at=now,
+                      data=json.dumps({"parent_run_id": parent, "step_key": step_key}))
+          for c in children),
+        model.Event(run_id=parent, type=model.EventType.CHILDREN_TRIGGERED, at=now,
+                    lease_id=lease_id, step_key=step_key,
+                    data=json.dumps({"children": len(ids), "wait": wait})),
+    ])
+    return ids
+
+
+def list_runs_txn(
+    conn: _dialect.Connection,
+    d: _dialect.Dialect,
+    flt: model.RunFilter,
+    limit: int,
+    cursor: tuple[float, str] | None,
+) -> list[model.Run]:
+    filters: list[str] = []
+    params: dict[str, Any] = {"env": flt.env, "limit": limit}
+    if flt.statuses:
+        filters.append(d.text("list_filter_status").format(
+            statuses=d.in_list.format(param=":statuses")))
+        params["statuses"] = d.in_param([s.value for s in flt.statuses])
+    if flt.task_id:
+        filters.append(d.text("list_filter_task"))
+        params["task_id"] = flt.task_id
+    if flt.parent_run_id:
+        filters.append(d.text("list_filter_parent"))
+        params["parent_run_id"] = flt.parent_run_id
+    if flt.error_type:
+        filters.append(d.text("list_filter_error"))
+        params["error_type"] = flt.error_type
+    if flt.created_after is not None:
+        filters.append(d.text("list_filter_after"))
+        params["created_after"] = flt.created_after
+    if flt.created_before is not None:
+        filters.append(d.text("list_filter_before"))
+        params["created_before"] = flt.created_before
+    if not flt.include_discarded:
+        filters.append(d.text("list_filter_not_discarded"))
+    if flt.tag:
+        filters.append(d.text("list_filter_tag"))
+        params["tag"] = flt.tag
+    if cursor is not None:
+        filters.append(d.text("list_filter_cursor"))
+        params["c_at"], params["c_id"] = cursor
+    sql = d.sql("list_run_summaries" if flt.summary else "list_runs", filters=" ".join(filters))
+    return [_rows.run_from_row(r) for r in conn.execute(sql, params).fetchall()]

@@ -1,0 +1,125 @@
+"""Fenced writes under a lease, applied many at a time (group commit).
+
+Each write names its lease (and its environment and session); a write
+whose lease is no longer current changes nothing and is reported as not
+applied. On Postgres a batch without extra fences runs as a constant number
+of set-based statements, whatever its size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ratchet_server import model
+from ratchet_server.store import _dialect, _rows, _waits
+
+
+def apply_writes_txn(
+    conn: _dialect.Connection, d: _dialect.Dialect, writes: Sequence[model.FencedWrite], now: float
+) -> list[bool]:
+    """Apply fenced writes; True for each one whose lease was current.
+
+    Runs are locked in id order (each run's writes keep their order), the
+    same order every multi-run transaction uses, so two group commits and a
+    timer sweep never deadlock on each other."""
+    if d.batch_writes and _batchable(writes):
+        return _apply_batched_txn(conn, d, writes, now)
+    applied = [False] * len(writes)
+    fence_sql = d.sql("fence_run_state")
+    step_sql = d.sql("upsert_step")
+    transition_sql = d.sql("transition_run")
+    for i in sorted(range(len(writes)), key=lambda k: writes[k].run_id):
+        w = writes[i]
+        if isinstance(w, model.StepWrite):
+            cur = conn.execute(fence_sql, _rows.fence_params(w, now))
+            if cur.rowcount == 1:
+                conn.execute(step_sql, _rows.step_params(w, now))
+        else:
+            cur = conn.execute(transition_sql, _rows.transition_params(w, now))
+        applied[i] = cur.rowcount == 1
+        if applied[i]:
+            # Events first: a wake-up right after the suspension is recorded
+            # after the suspension in the history.
+            _rows.insert_events_txn(conn, d, w.events)
+            if isinstance(w, model.RunTransition) and w.status is model.RunStatus.WAITING:
+                if w.wake_rule is None:
+                    raise ValueError("a suspension needs the engine's wake rule")
+                # This transaction holds the run's row lock since the UPDATE
+                # above, and reads the steps after it: a wait that ended before
+                # (committed) is seen here; one that ends after waits for the
+                # lock and then sees WAITING (docs/architecture.md, lock order).
+                _waits.wake_if_ready_txn(conn, d, w.run_id, w.wake_rule, now,
+                                         "a wait had ended before the run suspended")
+    return applied
+
+
+def _batchable(writes: Sequence[model.FencedWrite]) -> bool:
+    """True when set-based statements give the same result as applying in order:
+    every run's step writes name one lease, and a run with a transition has no
+    other write in the batch (a worker awaits each acknowledgement, so this is
+    the normal case)."""
+    step_lease: dict[str, str] = {}
+    transitions: set[str] = set()
+    for w in writes:
+        if isinstance(w, model.StepWrite):
+            if step_lease.setdefault(w.run_id, w.lease_id) != w.lease_id:
+                return False
+        elif (w.run_id in transitions or w.expired_before
+              or w.status is model.RunStatus.WAITING
+              or w.expect_status is not model.RunStatus.RUNNING):
+            return False  # extra fences or a wake check: apply one by one
+        else:
+            transitions.add(w.run_id)
+    return not (transitions & step_lease.keys())
+
+
+def _apply_batched_txn(
+    conn: _dialect.Connection, d: _dialect.Dialect, writes: Sequence[model.FencedWrite], now: float
+) -> list[bool]:
+    """Group commit in a constant number of statements, whatever the batch size
+    (rows in run id order, as above)."""
+    ordered = sorted(writes, key=lambda w: w.run_id)
+    steps = [w for w in ordered if isinstance(w, model.StepWrite)]
+    transitions = [w for w in ordered if isinstance(w, model.RunTransition)]
+    ok: set[str] = set()
+    if steps:
+        last_state: dict[str, tuple[str, str | None]] = {}
+        fences: dict[str, model.StepWrite] = {}
+        for w in steps:
+            previous = last_state.get(w.run_id, (w.lease_id, None))[1]
+            last_state[w.run_id] = (w.lease_id, w.state if w.state is not None else previous)
+            fences.setdefault(w.run_id, w)
+        rows = conn.execute(d.sql("fence_run_state_batch"), {
+            "now": now,
+            "ids": list(last_state),
+            "leases": [lease for lease, _ in last_state.values()],
+            "states": [state for _, state in last_state.values()],
+            "envs": [fences[run_id].env for run_id in last_state],
+            "owners": [fences[run_id].owner for run_id in last_state],
+        }).fetchall()
+        ok.update(r["id"] for r in rows)
+        todo = [_rows.step_params(w, now) for w in steps if w.run_id in ok]
+        if todo:
+            conn.cursor().executemany(d.sql("upsert_step"), todo)
+    if transitions:
+        params = [_rows.transition_params(w, now) for w in transitions]
+        rows = conn.execute(d.sql("transition_run_batch"), {
+            "now": now,
+            "ids": [p["run_id"] for p in params],
+            "leases": [p["lease_id"] for p in params],
+            "statuses": [p["status"] for p in params],
+            "outputs": [p["output"] for p in params],
+            "errors": [p["error"] for p in params],
+            "states": [p["state"] for p in params],
+            "run_ats": [p["run_at"] for p in params],
+            "refunds": [p["refund"] for p in params],
+            "finished": [p["finished_at"] for p in params],
+            "envs": [p["env"] for p in params],
+            "owners": [p["owner"] for p in params],
+        }).fetchall()
+        ok.update(r["id"] for r in rows)
+    applied = [w.run_id in ok for w in writes]
+    events = [e for w, good in zip(writes, applied, strict=True) if good for e in w.events]
+    if events:
+        conn.cursor().executemany(d.sql("insert_event"), [_rows.event_params(e) for e in events])
+    return applied

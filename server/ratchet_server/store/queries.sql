@@ -1,0 +1,425 @@
+-- Every SQL statement Ratchet runs, by name (store/_dialect.py loads this file).
+--
+-- Parameters are written `:name` (sqlite3's style; the Postgres dialect rewrites
+-- them to psycopg's `%(name)s`). `{fragment}` placeholders are filled by the
+-- store with a dialect's piece of SQL (set membership, row locks). A statement
+-- that differs between the dialects has one version per dialect, named
+-- `name@sqlite` and `name@postgres`. No statement decides an outcome: each
+-- stores what the engine decided, fenced so that a stale writer changes nothing.
+
+-- name: create_migrations_table
+-- Which numbered migrations (store/migrations/<dialect>/NNNN_*.sql) have run.
+CREATE TABLE IF NOT EXISTS ratchet_migrations (
+    version     INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL,
+    applied_at  DOUBLE PRECISION NOT NULL
+)
+
+-- name: select_migration_versions
+SELECT version FROM ratchet_migrations
+
+-- name: insert_migration
+INSERT INTO ratchet_migrations (version, name, applied_at) VALUES (:v, :n, :t)
+
+-- name: insert_api_key
+INSERT INTO api_keys (id, env, role, name, key_hash, created_at)
+VALUES (:id, :env, :role, :name, :key_hash, :now)
+
+-- name: select_api_key
+SELECT id, env, role, name FROM api_keys WHERE key_hash = :key_hash AND revoked_at IS NULL
+
+-- name: list_api_keys
+SELECT id, env, role, name, created_at, revoked_at FROM api_keys ORDER BY created_at, id
+
+-- name: revoke_api_key
+-- Only a key not revoked yet: a second revoke changes nothing (and says so).
+UPDATE api_keys SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL RETURNING id
+
+-- name: upsert_task
+INSERT INTO tasks (env, id, version, queue, retry, payload_schema, output_schema, max_duration,
+                   updated_at)
+VALUES (:env, :id, :version, :queue, :retry, :payload_schema, :output_schema, :max_duration, :now)
+ON CONFLICT (env, id) DO UPDATE SET
+    version = excluded.version, queue = excluded.queue, retry = excluded.retry,
+    payload_schema = excluded.payload_schema, output_schema = excluded.output_schema,
+    max_duration = excluded.max_duration, updated_at = excluded.updated_at
+
+-- name: select_task
+SELECT * FROM tasks WHERE env = :env AND id = :id
+
+-- name: select_run_by_idempotency_key
+SELECT * FROM runs WHERE env = :env AND task_id = :task_id AND idempotency_key = :key
+
+-- name: forget_idempotency_key
+-- By the expired row's id: matching by key could clear the key of a run a
+-- concurrent trigger has just inserted with it.
+UPDATE runs SET idempotency_key = NULL WHERE id = :id AND idempotency_key = :key
+
+-- name: insert_run
+INSERT INTO runs (id, env, task_id, status, attempt, payload, queue, priority, retry, run_at,
+                  idempotency_key, idempotency_expires_at, concurrency_key, tags, metadata,
+                  parent_run_id, parent_step_key, child_index, replay_of, ttl, max_duration,
+                  expire_at, created_at, updated_at)
+VALUES (:id, :env, :task_id, 'QUEUED', 0, :payload, :queue, :priority, :retry, :run_at,
+        :idempotency_key, :idempotency_expires_at, :concurrency_key, :tags, :metadata,
+        :parent_run_id, :parent_step_key, :child_index, :replay_of, :ttl, :max_duration,
+        :expire_at, :now, :now)
+ON CONFLICT DO NOTHING
+RETURNING *
+
+-- name: insert_run_plain
+-- The same, for a batch of runs without idempotency keys (executemany).
+INSERT INTO runs (id, env, task_id, status, attempt, payload, queue, priority, retry, run_at,
+                  idempotency_key, idempotency_expires_at, concurrency_key, tags, metadata,
+                  parent_run_id, parent_step_key, child_index, replay_of, ttl, max_duration,
+                  expire_at, created_at, updated_at)
+VALUES (:id, :env, :task_id, 'QUEUED', 0, :payload, :queue, :priority, :retry, :run_at,
+        :idempotency_key, :idempotency_expires_at, :concurrency_key, :tags, :metadata,
+        :parent_run_id, :parent_step_key, :child_index, :replay_of, :ttl, :max_duration,
+        :expire_at, :now, :now)
+
+-- name: select_run
+SELECT * FROM runs WHERE env = :env AND id = :id
+
+-- name: select_run_any_env
+SELECT * FROM runs WHERE id = :id
+
+-- name: select_steps
+SELECT * FROM steps WHERE run_id = :run_id ORDER BY created_at, key
+
+-- name: select_steps_of
+SELECT * FROM steps WHERE run_id IN {ids} ORDER BY run_id, created_at, key
+
+-- name: lease_ready@sqlite
+-- SQLite: one writer at a time, so no row locks are needed.
+UPDATE runs SET
+    status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || id,
+    lease_owner = :owner, lease_expires_at = :expires_at,
+    started_at = COALESCE(started_at, :now), updated_at = :now,
+    deadline_at = COALESCE(deadline_at, :now + max_duration)
+WHERE id IN (
+    SELECT id FROM runs
+    WHERE env = :env AND status = 'QUEUED' AND task_id IN {task_ids} AND run_at <= :now
+    ORDER BY priority DESC, run_at, id
+    LIMIT :limit
+)
+RETURNING *
+
+-- name: lease_ready@postgres
+-- Postgres: one ordered index scan per task (runs_ready), so the cost does not
+-- grow with the number of queued runs; rows locked but not chosen by the outer
+-- LIMIT stay locked only until this transaction ends.
+UPDATE runs SET
+    status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || runs.id,
+    lease_owner = :owner, lease_expires_at = :expires_at,
+    started_at = COALESCE(started_at, :now), updated_at = :now,
+    deadline_at = COALESCE(deadline_at, :now + max_duration)
+WHERE runs.id IN (
+    SELECT r.id FROM unnest(CAST(:task_ids AS text[])) AS t(task_id)
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at FROM runs
+        WHERE env = :env AND status = 'QUEUED' AND task_id = t.task_id AND run_at <= :now
+        ORDER BY priority DESC, run_at, id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ) AS r
+    ORDER BY r.priority DESC, r.run_at, r.id
+    LIMIT :limit
+)
+RETURNING *
+
+-- name: next_run_at
+SELECT MIN(run_at) AS next FROM runs
+WHERE env = :env AND status = 'QUEUED' AND task_id IN {task_ids}
+
+-- name: renew_leases
+UPDATE runs SET lease_expires_at = :expires_at
+WHERE lease_owner = :owner AND status = 'RUNNING' AND lease_id IN {lease_ids}
+
+-- name: adopt_leases
+UPDATE runs SET lease_owner = :owner, lease_expires_at = :expires_at
+WHERE lease_id IN {lease_ids} AND status = 'RUNNING' AND env = :env
+RETURNING id, lease_id, attempt
+
+-- name: select_expired_leases
+SELECT id, lease_id, attempt, retry, lease_owner FROM runs
+WHERE status = 'RUNNING' AND lease_expires_at < :now
+ORDER BY lease_expires_at
+LIMIT :limit
+
+-- name: select_owned_leases
+SELECT id, lease_id, attempt, retry, lease_owner FROM runs
+WHERE status = 'RUNNING' AND lease_owner = :owner
+
+-- name: select_lease
+SELECT id, lease_id, attempt, retry, lease_owner FROM runs
+WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
+
+-- name: fence_run_state
+UPDATE runs SET state = COALESCE(:state, state), updated_at = :now
+WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
+  AND (CAST(:env AS TEXT) IS NULL OR env = :env)
+  AND (CAST(:owner AS TEXT) IS NULL OR lease_owner = :owner)
+
+-- name: upsert_step
+INSERT INTO steps (run_id, key, kind, status, attempts, retry_base, output, error, created_at,
+                   started_at, finished_at, wake_at, token_id)
+VALUES (:run_id, :key, :kind, :status, :attempts, :retry_base, :output, :error, :now,
+        :started_at, :finished_at, :wake_at, :token_id)
+ON CONFLICT (run_id, key) DO UPDATE SET
+    wake_at = COALESCE(excluded.wake_at, steps.wake_at),
+    token_id = COALESCE(steps.token_id, excluded.token_id),
+    status = excluded.status,
+    attempts = CASE WHEN excluded.attempts > steps.attempts
+                    THEN excluded.attempts ELSE steps.attempts END,
+    retry_base = excluded.retry_base,
+    output = excluded.output,
+    error = COALESCE(excluded.error, steps.error),
+    started_at = COALESCE(steps.started_at, excluded.started_at),
+    finished_at = excluded.finished_at
+WHERE steps.status <> 'COMPLETED'
+
+-- name: transition_run
+UPDATE runs SET
+    status = :status,
+    output = COALESCE(:output, output),
+    error = CASE WHEN :status = 'COMPLETED' THEN NULL ELSE COALESCE(:error, error) END,
+    state = COALESCE(:state, state),
+    run_at = COALESCE(:run_at, run_at),
+    attempt = attempt - :refund,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    waiting_on = :waiting_on,
+    finished_at = :finished_at,
+    updated_at = :now
+WHERE id = :run_id AND lease_id = :lease_id AND status = :expect_status
+  AND (CAST(:env AS TEXT) IS NULL OR env = :env)
+  AND (CAST(:owner AS TEXT) IS NULL OR lease_owner = :owner)
+  AND (CAST(:expired_before AS DOUBLE PRECISION) IS NULL OR lease_expires_at < :expired_before)
+
+-- name: expire_runs
+UPDATE runs SET status = 'EXPIRED', finished_at = :now, updated_at = :now
+WHERE id IN (
+    SELECT id FROM runs
+    WHERE status = 'QUEUED' AND expire_at <= :now AND started_at IS NULL
+    LIMIT :limit
+    {skip_locked}
+)
+RETURNING id, attempt
+
+-- name: time_out_runs
+UPDATE runs SET status = 'TIMED_OUT', finished_at = :now, updated_at = :now,
+                lease_expires_at = NULL, error = :error
+WHERE id IN (
+    SELECT id FROM runs
+    WHERE status IN ('RUNNING', 'WAITING') AND deadline_at <= :now
+    LIMIT :limit
+    {skip_locked}
+)
+RETURNING id, lease_id, lease_owner, attempt
+
+-- name: fence_parent
+UPDATE runs SET updated_at = :now
+WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
+
+-- name: select_children
+SELECT id, status, output, error FROM runs
+WHERE parent_run_id = :run_id AND parent_step_key = :key
+ORDER BY child_index
+
+-- name: cancel_children
+UPDATE runs SET status = 'CANCELED', finished_at = :now, lease_expires_at = NULL,
+                updated_at = :now
+WHERE parent_run_id = :parent AND status IN ('QUEUED', 'RUNNING', 'WAITING')
+RETURNING *
+
+-- name: cancel_run
+UPDATE runs SET status = 'CANCELED', finished_at = :now, lease_expires_at = NULL,
+                updated_at = :now
+WHERE env = :env AND id = :id AND status IN ('QUEUED', 'RUNNING', 'WAITING')
+RETURNING *
+
+-- name: insert_event
+INSERT INTO run_events (run_id, at, type, attempt, lease_id, step_key, data)
+VALUES (:run_id, :at, :type, :attempt, :lease_id, :step_key, :data)
+
+-- name: select_events
+SELECT * FROM run_events WHERE run_id = :run_id ORDER BY id
+
+-- name: select_events_page
+SELECT * FROM run_events WHERE run_id = :run_id AND id > :after ORDER BY id LIMIT :limit
+
+-- name: replay_run
+-- A person gives a final run that did not complete a new attempt.
+UPDATE runs SET status = 'QUEUED', run_at = :now, finished_at = NULL, retry = :retry,
+                discarded_at = NULL,
+                lease_owner = NULL, lease_expires_at = NULL, waiting_on = NULL,
+                deadline_at = NULL, expire_at = NULL, updated_at = :now
+WHERE env = :env AND id = :id AND status IN ('FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
+RETURNING *
+
+-- name: list_runs
+SELECT * FROM runs
+WHERE env = :env {filters}
+ORDER BY created_at DESC, id DESC
+LIMIT :limit
+
+-- name: list_run_summaries
+-- The same without the documents (payload, output, state), for summaries: a
+-- page of runs with large outputs is not read from disk at all. Lists every
+-- column run_from_row reads.
+SELECT id, env, task_id, status, attempt, '' AS payload, NULL AS output, error, queue,
+       priority, retry, run_at, idempotency_key, concurrency_key, tags, metadata,
+       parent_run_id, NULL AS state, lease_id, lease_owner, lease_expires_at, created_at,
+       started_at, finished_at, replay_of, discarded_at
+FROM runs
+WHERE env = :env {filters}
+ORDER BY created_at DESC, id DESC
+LIMIT :limit
+
+-- name: list_filter_status
+AND status IN {statuses}
+
+-- name: list_filter_task
+AND task_id = :task_id
+
+-- name: list_filter_parent
+AND parent_run_id = :parent_run_id
+
+-- name: list_filter_error@sqlite
+AND json_extract(error, '$.type') = :error_type
+
+-- name: list_filter_error@postgres
+AND CAST(error AS jsonb) ->> 'type' = :error_type
+
+-- name: list_filter_after
+AND created_at >= :created_after
+
+-- name: list_filter_before
+AND created_at < :created_before
+
+-- name: list_filter_not_discarded
+AND discarded_at IS NULL
+
+-- name: discard_run
+UPDATE runs SET discarded_at = :now, updated_at = :now
+WHERE env = :env AND id = :id
+  AND status IN ('COMPLETED', 'FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
+RETURNING *
+
+-- name: delete_finished
+-- Retention: finished runs go in small batches (steps and history cascade).
+DELETE FROM runs WHERE id IN (
+    SELECT id FROM runs
+    WHERE finished_at < :cutoff
+      AND status IN ('COMPLETED', 'FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
+      -- a child stays while its parent may still collect its result
+      AND NOT EXISTS (SELECT 1 FROM runs AS parent
+                      WHERE parent.id = runs.parent_run_id
+                        AND parent.status IN ('QUEUED', 'RUNNING', 'WAITING'))
+    ORDER BY finished_at
+    LIMIT :limit
+)
+-- Checked again on the row being deleted: a replay that re-queued the run
+-- after the subquery read it must win (READ COMMITTED re-evaluates these).
+  AND finished_at < :cutoff
+  AND status IN ('COMPLETED', 'FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
+
+-- name: list_filter_tag@sqlite
+AND EXISTS (SELECT 1 FROM json_each(runs.tags) WHERE value = :tag)
+
+-- name: list_filter_tag@postgres
+AND CAST(runs.tags AS jsonb) ? :tag
+
+-- name: list_filter_cursor
+AND (created_at < :c_at OR (created_at = :c_at AND id < :c_id))
+
+-- name: fence_run_state_batch
+UPDATE runs AS r SET state = COALESCE(v.state, r.state), updated_at = :now
+FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:states AS text[]),
+            CAST(:envs AS text[]), CAST(:owners AS text[]))
+     AS v(id, lease_id, state, env, owner)
+WHERE r.id = v.id AND r.lease_id = v.lease_id AND r.status = 'RUNNING'
+  AND (v.env IS NULL OR r.env = v.env) AND (v.owner IS NULL OR r.lease_owner = v.owner)
+RETURNING r.id
+
+-- name: transition_run_batch
+UPDATE runs AS r SET
+    status = v.status,
+    output = COALESCE(v.output, r.output),
+    error = CASE WHEN v.status = 'COMPLETED' THEN NULL ELSE COALESCE(v.error, r.error) END,
+    state = COALESCE(v.state, r.state),
+    run_at = COALESCE(v.run_at, r.run_at),
+    attempt = r.attempt - v.refund,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    waiting_on = NULL,
+    finished_at = v.finished_at,
+    updated_at = :now
+FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:statuses AS text[]),
+            CAST(:outputs AS text[]), CAST(:errors AS text[]), CAST(:states AS text[]),
+            CAST(:run_ats AS float8[]), CAST(:refunds AS int[]),
+            CAST(:finished AS float8[]), CAST(:envs AS text[]), CAST(:owners AS text[]))
+     AS v(id, lease_id, status, output, error, state, run_at, refund, finished_at, env, owner)
+WHERE r.id = v.id AND r.lease_id = v.lease_id AND r.status = 'RUNNING'
+  AND (v.env IS NULL OR r.env = v.env) AND (v.owner IS NULL OR r.lease_owner = v.owner)
+RETURNING r.id
+
+-- name: lock_run
+SELECT id, env, status, waiting_on FROM runs WHERE id = :run_id {for_update}
+
+-- name: select_steps_by_keys
+SELECT * FROM steps WHERE run_id = :run_id AND key IN {keys}
+
+-- name: resolve_wait
+UPDATE steps SET
+    status = :status,
+    output = COALESCE(:output, output),
+    error = COALESCE(:error, error),
+    finished_at = COALESCE(:finished_at, finished_at),
+    wake_at = CASE WHEN :clear_wake_at = 1 THEN NULL ELSE wake_at END
+WHERE run_id = :run_id AND key = :key AND status = 'RUNNING'
+  AND (CAST(:expect_wake_at AS DOUBLE PRECISION) IS NULL OR wake_at = :expect_wake_at)
+
+-- name: wake_waiting
+UPDATE runs SET status = 'QUEUED', run_at = :now, waiting_on = NULL, updated_at = :now
+WHERE id = :run_id AND status = 'WAITING'
+
+-- name: select_due_steps
+SELECT * FROM steps WHERE status = 'RUNNING' AND wake_at <= :now ORDER BY wake_at LIMIT :limit
+
+-- name: select_child_wait_candidates
+-- Candidates only: the engine decides from the children themselves.
+SELECT s.run_id, s.key FROM steps AS s
+WHERE s.status = 'RUNNING' AND s.kind = 'child'
+  AND NOT EXISTS (
+    SELECT 1 FROM runs AS c
+    WHERE c.parent_run_id = s.run_id AND c.parent_step_key = s.key
+      AND c.status IN ('QUEUED', 'RUNNING', 'WAITING'))
+LIMIT :limit
+
+-- name: select_child_runs
+SELECT * FROM runs WHERE parent_run_id = :run_id AND parent_step_key = :key
+ORDER BY child_index
+
+-- name: select_token_step
+SELECT steps.*, runs.status AS run_status
+FROM steps JOIN runs ON runs.id = steps.run_id
+WHERE steps.token_id = :token_id AND runs.env = :env
+
+-- name: select_unfinished_page
+-- The invariant scan pages through unfinished runs that may hold a lease or
+-- wait, in id order.
+SELECT * FROM runs
+WHERE status IN ('RUNNING', 'WAITING') AND id > :after AND updated_at < :updated_before
+  AND (CAST(:env AS TEXT) IS NULL OR env = :env)
+ORDER BY id
+LIMIT :limit
+
+-- name: repair_waiting
+UPDATE runs SET status = 'QUEUED', run_at = :now, waiting_on = NULL, updated_at = :now
+WHERE id = :run_id AND status = 'WAITING'
+
+-- name: repair_running
+UPDATE runs SET lease_expires_at = :now, updated_at = :now
+WHERE id = :run_id AND status = 'RUNNING' AND lease_expires_at IS NULL
