@@ -1,6 +1,6 @@
 """Heartbeats never stall: a step that holds the GIL in C runs in a process.
 
-The harness's lease TTL is 2 s. A step that holds the GIL for about 4 s in
+The harness's lease TTL is 2 s. A step that holds the GIL for about 5 s in
 one C call (a backtracking regex) freezes its worker's event loop when it
 runs in a thread: no heartbeat leaves, the lease is lost. With
 `executor="process"` it runs in a child process and the lease holds.
@@ -17,7 +17,7 @@ from tests.harness import ROOT, Cluster, eventually, lines
 pytestmark = pytest.mark.timeout(120)
 
 GIL_TASKS = str(ROOT / "tests" / "integration" / "gil_tasks.py")
-HOLD = 4.0  # seconds of one GIL hold: twice the harness's 2 s lease TTL
+HOLD = 5.0  # seconds of one GIL hold: 2.5 times the harness's 2 s lease TTL
 
 
 async def test_a_step_holding_the_gil_keeps_its_lease_in_a_process(
@@ -30,7 +30,7 @@ async def test_a_step_holding_the_gil_keeps_its_lease_in_a_process(
     done = await client.wait(run.id, timeout=90)
     assert done.status == "COMPLETED", (done, cluster.logs())
     assert done.attempt == 1
-    assert done.output["held_ms"] >= 2000 * 1.5  # longer than the lease TTL, by far
+    assert done.output["held_ms"] > 2500  # longer than the 2 s lease TTL
     # It ran once, in a child process of the worker (the task module was
     # loaded from its file path there too).
     assert lines(tmp_path / "hold") == [str(done.output["pid"])]
