@@ -15,13 +15,14 @@ ends once whoever gets there first.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 from collections.abc import Mapping
 
 from ratchet_server import model
-from ratchet_server.engine import policy
+from ratchet_server.engine import core, policy
 from ratchet_server.store import Store
 
 log = logging.getLogger("ratchet.reconciler")
@@ -110,3 +111,79 @@ class Reconciler:
                 log.warning("reconciler: repaired run %s (%s, was %s): %s", run.id,
                             run.task_id, run.status.value, why)
         return repaired
+
+
+class TimersMixin(core.EngineBase):
+    """The loops behind due times: timers, the reconciler, retention."""
+
+    reconciler: Reconciler
+
+    async def _retention_loop(self) -> None:
+        """Delete finished runs past the retention period, in small batches."""
+        if self.config.retention is None:
+            return
+        while True:
+            try:
+                deleted = await self._retention_loop_body()
+                if deleted:
+                    log.info("retention: deleted %d finished run(s)", deleted)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("retention failed; retrying")
+            await asyncio.sleep(self.config.retention_interval)
+
+    async def _reconcile_loop(self) -> None:
+        """The safety net under every wake-up path (DESIGN §3)."""
+        if not self.config.reconcile_interval:
+            return
+        while True:
+            await asyncio.sleep(self.config.reconcile_interval)
+            try:
+                if await self.reconciler.tick():
+                    self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconciler failed; retrying")
+
+    async def _timer_loop(self) -> None:
+        """Every due time that needs an action goes through here: lease
+        expiry, sleeps, token timeouts, TTL, max duration, and child-run waits
+        whose children have all finished. (Delays and retry backoff need no
+        action: a run is ready once its run_at has passed, and the dispatcher
+        wakes for the next one.) Each is claimed in the database, with SKIP
+        LOCKED on Postgres, so with several coordinators each fires once, and
+        none is lost when a coordinator restarts."""
+        interval = min(self.config.timer_interval, self.config.reap_interval,
+                       self.config.lease_ttl / 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                refs = await self.store.expired_leases(limit=200)
+                if refs:
+                    await self._lose_leases(refs, "the lease expired without a heartbeat",
+                                            expired_before=time.time())
+                if await fire_due_timers(self.store, limit=500):
+                    self._wake.set()
+                if await finish_child_waits(self.store, limit=500):
+                    self._wake.set()
+                await self.store.expire_runs(limit=500)
+                for ref in await self.store.time_out_runs(500, policy.MAX_DURATION_EXCEEDED):
+                    self._tell_worker(ref.run_id, ref.lease_id,
+                                      "the run exceeded its max duration")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("timers failed; retrying")
+
+    async def _retention_loop_body(self) -> int:
+        assert self.config.retention is not None
+        cutoff = time.time() - self.config.retention
+        deleted = 0
+        while True:
+            n = await self.store.delete_finished(cutoff, self.config.retention_batch)
+            deleted += n
+            if n < self.config.retention_batch:
+                return deleted
+            await asyncio.sleep(0)  # small batches: let other work in between

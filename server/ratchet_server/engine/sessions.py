@@ -1,0 +1,201 @@
+"""Workers' sessions on this coordinator, and the dispatcher that pushes
+ready runs to them.
+
+Sessions are soft state: the store holds every lease (owner = session id),
+so a session lost with its coordinator is recovered by the worker
+reconnecting (adoption) or by the lease reaper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+
+from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, model
+from ratchet_server.engine import core, errors
+from ratchet_server.engine.core import (
+    EndPush,
+    LeasePush,
+    Session,
+    check_slots,
+)
+
+log = logging.getLogger("ratchet.engine")
+
+class SessionsMixin(core.EngineBase):
+    """Open, serve and close worker sessions; push leases to free slots."""
+
+    async def open_session(
+        self,
+        env: str,
+        worker_id: str,
+        tasks: Sequence[model.TaskDef],
+        slots: int,
+        active_lease_ids: Sequence[str],
+        *,
+        protocol_version: int = PROTOCOL_VERSION,
+        key_id: str = "",
+    ) -> tuple[Session, list[str]]:
+        """Register the worker's tasks, adopt its surviving leases, start pushing."""
+        if protocol_version and protocol_version < MIN_PROTOCOL_VERSION:
+            raise errors.FailedPrecondition(
+                f"protocol version {protocol_version} is no longer supported; "
+                f"this coordinator speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}")
+        check_slots(slots)
+        ids = [t.id for t in tasks]
+        if len(set(ids)) != len(ids):
+            raise errors.InvalidArgument("a task id appears twice in hello")
+        await self.register_tasks(tasks)
+        session = Session(env, worker_id, [t.id for t in tasks], slots, key_id)
+        adopted: list[str] = []
+        if active_lease_ids:
+            adopted = await self.store.adopt_leases(
+                env, list(active_lease_ids), session.id, self.config.lease_ttl)
+            for lease_id in adopted:
+                session.active.add(lease_id)
+                self._lease_session[lease_id] = session
+        self._sessions[session.id] = session
+        log.info("session %s opened: worker %s, env %s, tasks %s, slots %d, adopted %d",
+                 session.id, worker_id, env, ",".join(session.task_ids), slots, len(adopted))
+        self._wake.set()
+        return session, adopted
+
+    def open_sessions(self) -> list[Session]:
+        """The sessions connected to this coordinator now."""
+        return list(self._sessions.values())
+
+    def begin_shutdown(self) -> None:
+        """This coordinator is stopping: lease nothing more, and leave the
+        leases of the sessions that close to their workers, which reconnect
+        (here after a restart, or to another replica) and adopt them; a lease
+        nobody adopts is lost after the lease TTL, like a crashed coordinator's."""
+        self._closing = True
+
+    def end_sessions(self, reason: str) -> int:
+        """Ask every open session's stream to end (the servicer ends it
+        UNAVAILABLE); how many were open."""
+        sessions = self.open_sessions()
+        for session in sessions:
+            session.outbox.put_nowait(EndPush(reason))
+        return len(sessions)
+
+    def close_session(self, session: Session) -> None:
+        """The stream ended. Its leases are released after the grace period,
+        unless the worker reconnected and adopted them by then (or this
+        coordinator is shutting down: then they are not released at all)."""
+        if session.closed:
+            return
+        session.closed = True
+        self._sessions.pop(session.id, None)
+        for lease_id in session.active:
+            if self._lease_session.get(lease_id) is session:
+                del self._lease_session[lease_id]
+        if self._closing:
+            log.info("session %s closed by the coordinator's shutdown; its %d lease(s) stay "
+                     "with the worker to adopt when it reconnects (lost after the lease TTL, "
+                     "%.0fs, if it does not)", session.id, len(session.active),
+                     self.config.lease_ttl)
+            return
+        log.info("session %s closed; its %d lease(s) are released in %.1fs unless the worker "
+                 "reconnects and adopts them", session.id, len(session.active),
+                 self.config.session_grace)
+        # Leases pushed to the session but never sent: the worker never saw
+        # them, so they go back without costing an attempt.
+        while not session.outbox.empty():
+            push = session.outbox.get_nowait()
+            if isinstance(push, LeasePush) and push.leased.run.lease_id:
+                self._spawn(self._give_back(push.leased.run.id, push.leased.run.lease_id,
+                                            session.id))
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle | None = None
+
+        def fire() -> None:
+            if handle is not None:
+                self._timers.discard(handle)
+            self._spawn(self._release_session(session.id))
+
+        handle = loop.call_later(self.config.session_grace, fire)
+        self._timers.add(handle)
+
+    async def _release_session(self, session_id: str) -> None:
+        refs = await self.store.owned_leases(session_id)
+        await self._lose_leases(refs, "the worker's session closed", expired_before=None)
+
+    async def _give_back(self, run_id: str, lease_id: str, owner: str) -> None:
+        write = model.RunTransition(
+            run_id=run_id, lease_id=lease_id, status=model.RunStatus.QUEUED,
+            run_at=time.time(), refund_attempt=True, expect_owner=owner,
+            events=(model.Event(run_id=run_id, type=model.EventType.LEASE_RELEASED,
+                                at=time.time(), lease_id=lease_id,
+                                data=json.dumps({"reason": "never delivered"})),))
+        if await self._write(write):
+            self._forget_lease(lease_id)
+            self._wake.set()
+
+    async def heartbeat(self, session: Session, lease_ids: Sequence[str]) -> None:
+        """Renew the leases the worker says it is executing (only those)."""
+        session.seen()
+        if lease_ids:
+            await self.store.renew_leases(session.id, lease_ids, self.config.lease_ttl)
+
+    def set_slots(self, session: Session, slots: int) -> None:
+        check_slots(slots)
+        session.slots = slots
+        self._wake.set()
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                more, next_due = await self._dispatch_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("dispatch failed; retrying")
+                more, next_due = False, time.time() + 0.5
+            if more:
+                continue
+            timeout = 1.0 if next_due is None else min(1.0, max(0.005, next_due - time.time()))
+            # Not asyncio.wait_for: on 3.11 it can swallow a cancellation that
+            # arrives as the event fires, and stop() would then wait forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    async def _dispatch_once(self) -> tuple[bool, float | None]:
+        if self._closing:
+            return False, None
+        more = False
+        next_due: float | None = None
+        # A session silent for two heartbeat intervals may belong to a stopped
+        # process: lease nothing to it until it speaks again.
+        silent_after = time.monotonic() - 2 * self.config.heartbeat_interval
+        for session in list(self._sessions.values()):
+            if session.closed or session.free == 0 or not session.task_ids:
+                continue
+            if session.last_seen < silent_after:
+                continue
+            want = session.free
+            leased = await self.store.lease_ready(
+                env=session.env, task_ids=session.task_ids, limit=want, owner=session.id,
+                nonce=secrets.token_hex(6), ttl=self.config.lease_ttl)
+            if session.closed:
+                # Closed while we leased: the grace timer will release these.
+                continue
+            for item in leased:
+                assert item.run.lease_id is not None
+                session.active.add(item.run.lease_id)
+                self._lease_session[item.run.lease_id] = session
+                session.outbox.put_nowait(LeasePush(item))
+            if len(leased) == want:
+                more = True
+            elif not leased:
+                due = await self.store.next_run_at(session.env, session.task_ids)
+                if due is not None and (next_due is None or due < next_due):
+                    next_due = due
+        return more, next_due
