@@ -289,6 +289,9 @@ class RunTransition:
     run_at: float | None = None
     # A released lease does not count as an attempt: the next lease reuses it.
     refund_attempt: bool = False
+    # Forget the error of earlier attempts (otherwise a transition without an
+    # error keeps the last one).
+    clear_error: bool = False
     # For WAITING: the wait step keys the run is blocked on.
     waiting_on: tuple[str, ...] = ()
     # Extra fences for taking a lease from a holder presumed gone: apply only

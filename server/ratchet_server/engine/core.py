@@ -229,7 +229,8 @@ class EngineBase:
 
         async def lose(ref: model.LeaseRef) -> None:
             error = model.ErrorInfo(type=policy.LEASE_LOST, message=why, attempt=ref.attempt)
-            transition = self._failure_transition(ref, error, state=None, immediate=True)
+            transition = policy.failure_transition(ref, error, state=None, immediate=True,
+                                                    now=time.time())
             lost = model.Event(run_id=ref.run_id, type=model.EventType.LEASE_LOST,
                                at=time.time(), attempt=ref.attempt, lease_id=ref.lease_id,
                                data=json.dumps({"reason": why}))
@@ -243,35 +244,6 @@ class EngineBase:
         await asyncio.gather(*(lose(ref) for ref in refs))
         if refs:
             self._wake.set()
-
-    def _failure_transition(
-        self, ref: model.LeaseRef, error: model.ErrorInfo, *, state: str | None,
-        immediate: bool, retry_at: float | None = None,
-    ) -> model.RunTransition:
-        """Apply the run's retry policy to a failed attempt (DESIGN §7). A
-        `retry_at` from the worker (catch_error) replaces the policy's backoff."""
-        now = time.time()
-        error = dataclasses.replace(error, attempt=error.attempt or ref.attempt)
-        if not error.non_retryable and ref.retry.allows_another(ref.attempt):
-            delay = 0.0 if immediate else ref.retry.delay_after(ref.attempt)
-            if retry_at is not None:
-                delay = max(0.0, retry_at - now)
-            return model.RunTransition(
-                run_id=ref.run_id, lease_id=ref.lease_id, status=model.RunStatus.QUEUED,
-                error=error, state=state, run_at=now + delay,
-                events=(model.Event(
-                    run_id=ref.run_id, type=model.EventType.RETRY_SCHEDULED, at=now,
-                    attempt=ref.attempt, lease_id=ref.lease_id,
-                    data=json.dumps({"delay": delay, "error": error.type,
-                                     "message": error.message})),))
-        return model.RunTransition(
-            run_id=ref.run_id, lease_id=ref.lease_id, status=model.RunStatus.FAILED,
-            error=error, state=state,
-            events=(model.Event(
-                run_id=ref.run_id, type=model.EventType.FINISHED, at=now, attempt=ref.attempt,
-                lease_id=ref.lease_id,
-                data=json.dumps({"status": "FAILED", "error": error.type,
-                                 "message": error.message})),))
 
     async def _write(self, write: model.FencedWrite) -> bool:
         """Apply a fenced write in the next group commit; True if its lease was current."""

@@ -135,6 +135,8 @@ class LeasesMixin(core.EngineBase):
         now = time.time()
         write = model.RunTransition(
             run_id=run_id, lease_id=lease_id, status=model.RunStatus.COMPLETED, output=out,
+            # A COMPLETED run carries no error, whatever earlier attempts hit.
+            clear_error=True,
             state=self._state(state), env=session.env, expect_owner=session.id,
             events=(model.Event(run_id=run_id, type=model.EventType.FINISHED, at=now,
                                 lease_id=lease_id, data=json.dumps({"status": "COMPLETED"})),))
@@ -208,8 +210,8 @@ class LeasesMixin(core.EngineBase):
                                  retry=run.retry, lease_owner=None)
             expect = model.RunStatus.QUEUED
         write = dataclasses.replace(
-            self._failure_transition(ref, error, state=self._state(state), immediate=False,
-                                     retry_at=retry_at),
+            policy.failure_transition(ref, error, state=self._state(state), immediate=False,
+                                      now=time.time(), retry_at=retry_at),
             env=session.env, expect_status=expect,
             expect_owner=session.id if expect is model.RunStatus.RUNNING else None)
         await self._finish(session, write, write.status)

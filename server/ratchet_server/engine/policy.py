@@ -8,6 +8,7 @@ runs that nothing would ever move again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 
@@ -21,6 +22,37 @@ MAX_DURATION_EXCEEDED = model.ErrorInfo(
 
 # The error type of an attempt whose lease was lost (worker gone or silent).
 LEASE_LOST = "LeaseLost"
+
+
+def failure_transition(
+    ref: model.LeaseRef, error: model.ErrorInfo, *, state: str | None, immediate: bool,
+    now: float, retry_at: float | None = None,
+) -> model.RunTransition:
+    """A failed attempt under the run's retry policy (DESIGN §7): QUEUED after
+    the policy's backoff (none if `immediate`, as for a lost lease; `retry_at`
+    from the worker's catch_error replaces it) while attempts are left and the
+    error is retryable, FAILED otherwise."""
+    error = dataclasses.replace(error, attempt=error.attempt or ref.attempt)
+    if not error.non_retryable and ref.retry.allows_another(ref.attempt):
+        delay = 0.0 if immediate else ref.retry.delay_after(ref.attempt)
+        if retry_at is not None:
+            delay = max(0.0, retry_at - now)
+        return model.RunTransition(
+            run_id=ref.run_id, lease_id=ref.lease_id, status=model.RunStatus.QUEUED,
+            error=error, state=state, run_at=now + delay,
+            events=(model.Event(
+                run_id=ref.run_id, type=model.EventType.RETRY_SCHEDULED, at=now,
+                attempt=ref.attempt, lease_id=ref.lease_id,
+                data=json.dumps({"delay": delay, "error": error.type,
+                                 "message": error.message})),))
+    return model.RunTransition(
+        run_id=ref.run_id, lease_id=ref.lease_id, status=model.RunStatus.FAILED,
+        error=error, state=state,
+        events=(model.Event(
+            run_id=ref.run_id, type=model.EventType.FINISHED, at=now, attempt=ref.attempt,
+            lease_id=ref.lease_id,
+            data=json.dumps({"status": "FAILED", "error": error.type,
+                             "message": error.message})),))
 
 
 def lost_before_its_report(run: model.Run, lease_id: str) -> bool:

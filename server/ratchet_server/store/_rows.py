@@ -192,6 +192,7 @@ def transition_params(w: model.RunTransition, now: float) -> dict[str, Any]:
         "state": w.state,
         "run_at": w.run_at,
         "refund": 1 if w.refund_attempt else 0,
+        "clear_error": 1 if w.clear_error else 0,
         "finished_at": now if w.status.is_final else None,
         "now": now,
         "run_id": w.run_id,

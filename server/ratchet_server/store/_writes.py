@@ -116,6 +116,7 @@ def _apply_batched_txn(
             "finished": [p["finished_at"] for p in params],
             "envs": [p["env"] for p in params],
             "owners": [p["owner"] for p in params],
+            "clear_errors": [p["clear_error"] for p in params],
         }).fetchall()
         ok.update(r["id"] for r in rows)
     applied = [w.run_id in ok for w in writes]

@@ -183,7 +183,7 @@ WHERE steps.status <> 'COMPLETED'
 UPDATE runs SET
     status = :status,
     output = COALESCE(:output, output),
-    error = CASE WHEN :status = 'COMPLETED' THEN NULL ELSE COALESCE(:error, error) END,
+    error = CASE WHEN :clear_error = 1 THEN NULL ELSE COALESCE(:error, error) END,
     state = COALESCE(:state, state),
     run_at = COALESCE(:run_at, run_at),
     attempt = attempt - :refund,
@@ -347,7 +347,7 @@ RETURNING r.id
 UPDATE runs AS r SET
     status = v.status,
     output = COALESCE(v.output, r.output),
-    error = CASE WHEN v.status = 'COMPLETED' THEN NULL ELSE COALESCE(v.error, r.error) END,
+    error = CASE WHEN v.clear_error = 1 THEN NULL ELSE COALESCE(v.error, r.error) END,
     state = COALESCE(v.state, r.state),
     run_at = COALESCE(v.run_at, r.run_at),
     attempt = r.attempt - v.refund,
@@ -359,8 +359,10 @@ UPDATE runs AS r SET
 FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:statuses AS text[]),
             CAST(:outputs AS text[]), CAST(:errors AS text[]), CAST(:states AS text[]),
             CAST(:run_ats AS float8[]), CAST(:refunds AS int[]),
-            CAST(:finished AS float8[]), CAST(:envs AS text[]), CAST(:owners AS text[]))
-     AS v(id, lease_id, status, output, error, state, run_at, refund, finished_at, env, owner)
+            CAST(:finished AS float8[]), CAST(:envs AS text[]), CAST(:owners AS text[]),
+            CAST(:clear_errors AS int[]))
+     AS v(id, lease_id, status, output, error, state, run_at, refund, finished_at, env, owner,
+          clear_error)
 WHERE r.id = v.id AND r.lease_id = v.lease_id AND r.status = 'RUNNING'
   AND (v.env IS NULL OR r.env = v.env) AND (v.owner IS NULL OR r.lease_owner = v.owner)
 RETURNING r.id
