@@ -11,7 +11,12 @@ import dataclasses
 import enum
 from collections.abc import Callable, Mapping, Sequence
 
-from ratchet import Retry
+from ratchet import Retry as Retry
+
+# The retry policy is the SDK's own class: one formula for task attempts (applied
+# here) and step attempts (applied by workers). The store reaches it only
+# through this module.
+NO_RETRY = Retry(max_attempts=1, min_delay=0.0, max_delay=0.0)
 
 
 class RunStatus(enum.StrEnum):

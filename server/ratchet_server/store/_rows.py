@@ -10,19 +10,18 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from ratchet import Retry
 from ratchet_server import model
 from ratchet_server.store import _dialect
 
 RETRY_FIELDS = ("max_attempts", "factor", "min_delay", "max_delay", "jitter")
 
 
-def retry_to_json(retry: Retry) -> str:
+def retry_to_json(retry: model.Retry) -> str:
     return json.dumps({f: getattr(retry, f) for f in RETRY_FIELDS}, separators=(",", ":"))
 
 
-def retry_from_json(text: str) -> Retry:
-    return Retry(**json.loads(text))
+def retry_from_json(text: str) -> model.Retry:
+    return model.Retry(**json.loads(text))
 
 
 def error_to_json(error: model.ErrorInfo | None) -> str | None:

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ratchet._retry import NO_RETRY, Retry
 from ratchet_server import model
 from ratchet_server.store import _dialect, _rows, _runs, _waits, _writes
 
@@ -221,7 +220,7 @@ class SqlStore(abc.ABC):
 
         return await self._run(txn)
 
-    async def replay_run(self, env: str, run_id: str, retry: Retry) -> model.Run | None:
+    async def replay_run(self, env: str, run_id: str, retry: model.Retry) -> model.Run | None:
         def txn(conn: Any) -> model.Run | None:
             now = time.time()
             row = conn.execute(self.dialect.sql("replay_run"), {
@@ -422,7 +421,7 @@ class SqlStore(abc.ABC):
                 run_id=r["id"], type=model.EventType.TIMED_OUT, at=now, attempt=r["attempt"],
                 lease_id=r["lease_id"]) for r in rows))
             return [model.LeaseRef(run_id=r["id"], lease_id=r["lease_id"] or "",
-                                   attempt=r["attempt"], retry=NO_RETRY,
+                                   attempt=r["attempt"], retry=model.NO_RETRY,
                                    lease_owner=r["lease_owner"]) for r in rows]
 
         return await self._run(txn)
