@@ -85,11 +85,17 @@ def pg_url(pg_server: str) -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database of each kind, as a URL a coordinator process can open."""
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh database of each kind, as a URL a coordinator process can open.
+
+    After the test (and every coordinator it started has stopped), the
+    invariant check must find no run that nothing would move again."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ratchet.db'}"
-    return str(request.getfixturevalue("pg_url"))
+        url = f"sqlite:///{tmp_path / 'ratchet.db'}"
+    else:
+        url = str(request.getfixturevalue("pg_url"))
+    yield url
+    assert await stuck_runs(url) == []
 
 
 @pytest.fixture
@@ -102,8 +108,6 @@ async def cluster(database_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
     finally:
         await c.close()
         print(c.logs())  # shown by pytest only when the test failed
-    # After every integration test: no run is left that nothing would move.
-    assert await stuck_runs(database_url) == []
 
 
 @pytest.fixture(params=["sqlite-memory", "postgres"])

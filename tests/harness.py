@@ -208,6 +208,7 @@ async def stuck_runs(database_url: str) -> list[str]:
 
     store = await open_store(database_url)
     try:
+        await store.migrate()  # a test may never have started a coordinator
         return [f"{s.run.id} ({s.run.task_id}, {s.run.status.value}): {s.why}"
                 for s in await timers.find_stuck(store)]
     finally:
