@@ -31,11 +31,12 @@ from ratchet._errors import (
     StepFailedError,
     TokenTimeoutError,
     UnavailableError,
+    WorkerError,
 )
 from ratchet._retry import Retry
 from ratchet._task import PayloadValidationError, Task, task
 from ratchet._types import Decision, Run, RunError, RunEvent, RunStatus, StepInfo
-from ratchet._worker import Worker, WorkerError
+from ratchet._worker import Worker
 
 __all__ = [
     "AuthenticationError",

@@ -7,6 +7,7 @@
     ├── LeaseLostError          the coordinator no longer honours this worker's lease
     ├── TokenTimeoutError       a wait token's timeout passed before it was completed
     ├── ChildRunFailedError     a child run waited on ended other than COMPLETED
+    ├── WorkerError             the worker cannot go on (e.g. its API key was refused)
     └── ClientError             a coordinator call failed; `.code` is the gRPC status name
         ├── NotFoundError
         ├── InvalidArgumentError
@@ -81,6 +82,10 @@ class ChildRunFailedError(RatchetError):
 
 class LeaseLostError(RatchetError):
     """This worker's lease on a run is no longer current; the run is abandoned here."""
+
+
+class WorkerError(RatchetError):
+    """The worker cannot go on (for example, its API key was refused)."""
 
 
 class ClientError(RatchetError):

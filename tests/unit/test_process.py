@@ -81,7 +81,7 @@ def test_only_what_a_fresh_interpreter_can_find_is_sent() -> None:
 async def test_a_process_step_runs_in_another_process(ctx: Context) -> None:
     result = await ctx.step("p", pid_plus, 41, executor="process")
     assert result["n"] == 42 and result["pid"] != os.getpid()
-    [cp] = ctx._journal.checkpoints  # type: ignore[attr-defined]
+    [cp] = ctx._steps.journal.checkpoints  # type: ignore[attr-defined]
     assert cp.event == worker_pb2.STEP_EVENT_COMPLETED
 
 
@@ -111,7 +111,7 @@ async def test_bad_uses_fail_before_anything_is_recorded(ctx: Context) -> None:
                    journal=Journal())
     with pytest.raises(RuntimeError, match="Worker"):
         await bare.step("p", pid_plus, 1, executor="process")
-    assert ctx._journal.checkpoints == []  # type: ignore[attr-defined]
+    assert ctx._steps.journal.checkpoints == []  # type: ignore[attr-defined]
 
 
 async def test_a_child_that_dies_fails_its_step_and_the_pool_starts_again(
