@@ -14,9 +14,10 @@ import grpc
 from ratchet._codec import event_from_pb, run_from_pb, timestamp, to_json, trigger_options
 from ratchet._errors import ClientError, RunFailedError, from_rpc_error
 from ratchet._retry import Retry
+from ratchet._session import CHANNEL_OPTIONS
 from ratchet._task import Task
 from ratchet._types import Run, RunEvent, RunStatus
-from ratchet._worker import CHANNEL_OPTIONS, DEFAULT_COORDINATOR
+from ratchet._worker import DEFAULT_COORDINATOR
 from ratchet.v1 import common_pb2, run_pb2, run_pb2_grpc, system_pb2, system_pb2_grpc
 
 

@@ -20,7 +20,6 @@ from typing import Any
 from ratchet import _process
 from ratchet._errors import WorkerError
 from ratchet._execution import Execution
-from ratchet._session import CHANNEL_OPTIONS as CHANNEL_OPTIONS  # the Client dials with these
 from ratchet._session import Session
 from ratchet._task import Task
 from ratchet.v1 import worker_pb2
