@@ -159,6 +159,8 @@ class NewRun:
     replay_of: str | None = None
     ttl: float | None = None
     max_duration: float | None = None
+    # When a never-started run expires (the engine counts the TTL from run_at).
+    expire_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -181,6 +181,7 @@ class EngineBase:
         if task.payload_schema:
             self._schemas.validate(task.id, task.payload_schema, json.loads(payload))
         key = spec.idempotency_key or None
+        run_at = now + max(0.0, spec.delay or 0.0)
         return model.NewRun(
             id=new_id("run"),
             env=env,
@@ -189,7 +190,7 @@ class EngineBase:
             queue=spec.queue or task.queue,
             retry=spec.retry or task.retry,
             priority=spec.priority,
-            run_at=now + max(0.0, spec.delay or 0.0),
+            run_at=run_at,
             idempotency_key=key,
             idempotency_expires_at=(
                 None if key is None else now + (spec.idempotency_ttl or DEFAULT_IDEMPOTENCY_TTL)),
@@ -197,6 +198,8 @@ class EngineBase:
             tags=spec.tags,
             metadata=dict(spec.metadata),
             ttl=spec.ttl,
+            # A TTL counts from run_at, so a delayed run gets all of it.
+            expire_at=None if spec.ttl is None else run_at + spec.ttl,
             max_duration=spec.max_duration or task.max_duration,
         )
 

@@ -143,7 +143,7 @@ def new_run_params(new: model.NewRun, now: float) -> dict[str, Any]:
         "replay_of": new.replay_of,
         "ttl": new.ttl,
         "max_duration": new.max_duration,
-        "expire_at": None if new.ttl is None else new.run_at + new.ttl,
+        "expire_at": new.expire_at,
         "now": now,
     }
 
