@@ -21,7 +21,8 @@ test: setup
 	$(PY) scripts/gen_protos.py --check
 	$(PY) -m ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n 3 -m "not serial"
+	$(PY) -m pytest -m serial
 
 lint: setup
 	$(PY) -m ruff check .

@@ -19,6 +19,7 @@ from tests.chaos.chaos import Config, run_chaos
 pytestmark = [
     pytest.mark.postgres,
     pytest.mark.slow,
+    pytest.mark.serial,
     pytest.mark.skipif(shutil.which("initdb") is None or shutil.which("pg_ctl") is None,
                        reason="needs initdb and pg_ctl for a throwaway Postgres"),
 ]

@@ -14,7 +14,8 @@ import pytest
 
 from tests.harness import ROOT, Cluster, eventually, lines
 
-pytestmark = pytest.mark.timeout(120)
+# serial: the test calibrates how long a regex holds the GIL on this machine.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.serial]
 
 GIL_TASKS = str(ROOT / "tests" / "integration" / "gil_tasks.py")
 HOLD = 5.0  # seconds of one GIL hold: 2.5 times the harness's 2 s lease TTL
