@@ -14,7 +14,7 @@ from ratchet import Retry
 from ratchet_server import model
 from ratchet_server.engine import errors, timers
 from ratchet_server.engine.engine import Engine, EngineConfig, LeasePush, Session, TriggerSpec
-from ratchet_server.store import Store, open_store
+from ratchet_server.store import Store
 from tests.harness import eventually
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(60)]
@@ -24,16 +24,6 @@ def task_def(env: str) -> model.TaskDef:
     return model.TaskDef(env=env, id="t", version="1", queue="t",
                          retry=Retry(max_attempts=5, min_delay=0.01, max_delay=0.01),
                          payload_schema=None, output_schema=None, max_duration=None)
-
-
-@pytest.fixture
-async def pg_store(pg_url: str) -> AsyncIterator[Store]:
-    store = await open_store(pg_url)
-    await store.migrate()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 

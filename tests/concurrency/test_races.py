@@ -23,7 +23,7 @@ from ratchet_server import model
 from ratchet_server.engine import errors, timers
 from ratchet_server.engine.engine import Engine, EngineConfig, Session, TriggerSpec
 from ratchet_server.engine.ids import new_id
-from ratchet_server.store import Store, open_store
+from ratchet_server.store import Store
 from tests.harness import eventually
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
@@ -36,16 +36,6 @@ def task_def(task_id: str = "t", env: str = ENV, retry: Retry | None = None) -> 
     return model.TaskDef(env=env, id=task_id, version="1", queue=task_id,
                          retry=retry or Retry(max_attempts=3, min_delay=30, max_delay=30),
                          payload_schema=None, output_schema=None, max_duration=None)
-
-
-@pytest.fixture
-async def pg_store(pg_url: str) -> AsyncIterator[Store]:
-    store = await open_store(pg_url)
-    await store.migrate()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 @pytest.fixture
@@ -109,6 +99,23 @@ async def stranded(store: Store, run_ids: list[str]) -> list[str]:
     return out
 
 
+async def expect_all_woken(store: Store, run_ids: list[str]) -> None:
+    """Every run is queued again soon (the timer sweeps every 10 ms), and
+    none is left WAITING on a wait that ended."""
+
+    async def all_woken() -> bool:
+        for run_id in run_ids:
+            got = await store.get_run(ENV, run_id)
+            if got is None or got.status is not model.RunStatus.QUEUED:
+                return False
+        return True
+
+    with contextlib.suppress(AssertionError):
+        await eventually(all_woken, timeout=5, what="every run to wake")
+    assert await stranded(store, run_ids) == []
+    assert await all_woken()
+
+
 async def test_token_completion_and_suspension_never_miss_each_other(engine: Engine) -> None:
     s = await session(engine)
     runs = await leased_runs(engine, s, ROUNDS)
@@ -142,17 +149,7 @@ async def test_timer_and_suspension_never_miss_each_other(engine: Engine) -> Non
     await asyncio.gather(*(suspend(engine, s, run, "w", random.uniform(0, 0.1))
                            for run in runs))
 
-    async def all_woken() -> bool:
-        for run in runs:
-            got = await engine.store.get_run(ENV, run.id)
-            if got is None or got.status is not model.RunStatus.QUEUED:
-                return False
-        return True
-
-    with contextlib.suppress(AssertionError):
-        await eventually(all_woken, timeout=5, what="every run to wake")
-    assert await stranded(engine.store, [r.id for r in runs]) == []
-    assert await all_woken()
+    await expect_all_woken(engine.store, [r.id for r in runs])
 
 
 async def test_children_finishing_as_the_parent_suspends(engine: Engine) -> None:
@@ -182,17 +179,7 @@ async def test_children_finishing_as_the_parent_suspends(engine: Engine) -> None
     await asyncio.gather(*(f for p in parents for f in (
         finish_child(p), suspend(engine, parents_session, p, "w", random.uniform(0, 0.05)))))
 
-    async def all_woken() -> bool:
-        for p in parents:
-            got = await engine.store.get_run(ENV, p.id)
-            if got is None or got.status is not model.RunStatus.QUEUED:
-                return False
-        return True
-
-    with contextlib.suppress(AssertionError):
-        await eventually(all_woken, timeout=5, what="every parent to wake")
-    assert await stranded(engine.store, [p.id for p in parents]) == []
-    assert await all_woken()
+    await expect_all_woken(engine.store, [p.id for p in parents])
 
 
 async def test_an_expired_idempotency_key_gives_one_new_run(engine: Engine,
