@@ -25,7 +25,7 @@ from ratchet_server import model
 from ratchet_server.engine import core, policy
 from ratchet_server.store import Store
 
-log = logging.getLogger("ratchet.reconciler")
+log = logging.getLogger("ratchet.timers")
 
 
 async def fire_due_timers(store: Store, limit: int) -> int:
@@ -152,9 +152,9 @@ class TimersMixin(core.EngineBase):
         expiry, sleeps, token timeouts, TTL, max duration, and child-run waits
         whose children have all finished. (Delays and retry backoff need no
         action: a run is ready once its run_at has passed, and the dispatcher
-        wakes for the next one.) Each is claimed in the database, with SKIP
-        LOCKED on Postgres, so with several coordinators each fires once, and
-        none is lost when a coordinator restarts."""
+        wakes for the next one.) Each ends once, under its run's row lock,
+        whichever coordinator gets there first, and none is lost when a
+        coordinator restarts: the due times are columns."""
         interval = min(self.config.timer_interval, self.config.reap_interval,
                        self.config.lease_ttl / 4)
         while True:
