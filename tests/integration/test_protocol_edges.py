@@ -123,6 +123,11 @@ async def test_a_stopped_coordinator_leaves_leases_to_the_workers(
 ) -> None:
     """SIGTERM: open streams end UNAVAILABLE; leases are not released, so the
     worker adopts its run after the restart and no attempt is lost."""
+    # A lease TTL long enough for a restart on a busy machine: the point is
+    # adoption, not how fast a coordinator starts.
+    assert cluster.coordinator is not None
+    cluster.coordinator.terminate()
+    await cluster.start_coordinator("--lease-ttl", "20s")
     worker = cluster.start_worker(slots=1)
     await cluster.wait_worker_connected(worker)
     client = cluster.client()
@@ -148,7 +153,7 @@ async def test_a_stopped_coordinator_leaves_leases_to_the_workers(
     finally:
         await store.close()
 
-    await cluster.start_coordinator()
+    await cluster.start_coordinator("--lease-ttl", "20s")
     done = await client.wait(run.id, timeout=60)
     assert done.status == "COMPLETED" and done.attempt == 1, done
     history = [e.type for e in await client.history(run.id)]
