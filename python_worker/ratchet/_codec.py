@@ -69,7 +69,8 @@ def _dt(value: timestamp_pb2.Timestamp, present: bool) -> dt.datetime | None:
 
 def retry_to_pb(retry: Retry) -> common_pb2.RetryPolicy:
     return common_pb2.RetryPolicy(
-        max_attempts=retry.max_attempts, factor=retry.factor,
+        max_attempts=retry.max_attempts or 0, unlimited_attempts=retry.max_attempts is None,
+        factor=retry.factor,
         min_delay=duration(retry.min_delay), max_delay=duration(retry.max_delay),
         jitter=retry.jitter)
 

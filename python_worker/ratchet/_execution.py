@@ -144,7 +144,8 @@ class Execution:
         if task is not None and task.catch_error is not None:
             error, retry_after = await _catch_error(ctx, task, error)
         last = error.non_retryable or (
-            grant.HasField("retry") and grant.attempt >= grant.retry.max_attempts)
+            grant.HasField("retry") and not grant.retry.unlimited_attempts
+            and grant.attempt >= grant.retry.max_attempts)
         if last and task is not None and task.on_failure is not None:
             await _on_failure(ctx, task, error)
         failed = worker_pb2.Failed(error=error_to_pb(error))

@@ -16,13 +16,16 @@ __all__ = ["Retry"]
 class Retry:
     """A retry policy.
 
-    `max_attempts` includes the first attempt. The delay before attempt n+1 is
+    `max_attempts` includes the first attempt; None means no limit (Temporal's
+    default for activities): a task's run attempts then end only with its max
+    duration (`@ratchet.task(max_duration=...)` or the trigger's), a step's
+    attempts only with its run. The delay before attempt n+1 is
     ``min(max_delay, min_delay * factor ** (n - 1))`` seconds, multiplied by a
     random factor in [0.5, 1.5) when `jitter` is true (and still capped by
     `max_delay`).
     """
 
-    max_attempts: int = 3
+    max_attempts: int | None = 3
     factor: float = 2.0
     min_delay: float = 1.0
     max_delay: float = 60.0
@@ -33,7 +36,7 @@ class Retry:
     no_retry_on: tuple[type[BaseException], ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
+        if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if self.factor < 1:
             raise ValueError("factor must be at least 1")
@@ -62,7 +65,7 @@ class Retry:
 
     def allows_another(self, attempts_made: int) -> bool:
         """True if a further attempt is within the budget after `attempts_made` attempts."""
-        return attempts_made < self.max_attempts
+        return self.max_attempts is None or attempts_made < self.max_attempts
 
 
 NO_RETRY = Retry(max_attempts=1, min_delay=0.0, max_delay=0.0)

@@ -74,7 +74,8 @@ def from_dur(value: duration_pb2.Duration, present: bool) -> float | None:
 def retry_from_pb(pb: common_pb2.RetryPolicy, default: Retry) -> Retry:
     try:
         return Retry(
-            max_attempts=pb.max_attempts or default.max_attempts,
+            max_attempts=None if pb.unlimited_attempts
+            else pb.max_attempts or default.max_attempts,
             factor=pb.factor or default.factor,
             min_delay=seconds(pb.min_delay) if pb.HasField("min_delay") else default.min_delay,
             max_delay=seconds(pb.max_delay) if pb.HasField("max_delay") else default.max_delay,
@@ -86,8 +87,9 @@ def retry_from_pb(pb: common_pb2.RetryPolicy, default: Retry) -> Retry:
 
 def retry_to_pb(retry: Retry) -> common_pb2.RetryPolicy:
     return common_pb2.RetryPolicy(
-        max_attempts=retry.max_attempts, factor=retry.factor, min_delay=dur(retry.min_delay),
-        max_delay=dur(retry.max_delay), jitter=retry.jitter)
+        max_attempts=retry.max_attempts or 0, unlimited_attempts=retry.max_attempts is None,
+        factor=retry.factor, min_delay=dur(retry.min_delay), max_delay=dur(retry.max_delay),
+        jitter=retry.jitter)
 
 
 def error_from_pb(pb: common_pb2.ErrorInfo) -> model.ErrorInfo:

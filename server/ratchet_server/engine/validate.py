@@ -83,7 +83,7 @@ def timestamp(value: float | None, what: str) -> None:
 def retry(policy: Retry | None, what: str = "retry") -> None:
     if policy is None:
         return
-    if policy.max_attempts > MAX_RETRY_ATTEMPTS:
+    if policy.max_attempts is not None and policy.max_attempts > MAX_RETRY_ATTEMPTS:
         raise errors.InvalidArgument(
             f"{what}.max_attempts is {policy.max_attempts}; at most {MAX_RETRY_ATTEMPTS}")
     if not math.isfinite(policy.factor) or policy.factor > MAX_RETRY_FACTOR:

@@ -1,0 +1,89 @@
+"""Issue 10, "Typed edges": unlimited attempts, child outputs typed by the child
+task, per-item idempotency keys, `ratchet.current_context()`, error classes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ratchet import Retry
+from ratchet._codec import retry_to_pb
+from ratchet_server import model
+from ratchet_server.api.convert import retry_from_pb
+from ratchet_server.api.convert import retry_to_pb as server_retry_to_pb
+from ratchet_server.engine import policy
+from ratchet_server.engine.engine import Engine, EngineConfig, TriggerSpec
+from ratchet_server.store import Store
+from ratchet_server.store._rows import retry_from_json, retry_to_json
+from tests.unit.test_context import Flaky, Journal, make_ctx
+
+pytestmark = pytest.mark.timeout(20)
+
+UNLIMITED = Retry(max_attempts=None, min_delay=0.0, max_delay=0.0)
+
+# --- Retry(max_attempts=None) ----------------------------------------------------------
+
+
+def test_unlimited_attempts_always_allow_another() -> None:
+    assert all(UNLIMITED.allows_another(n) for n in (0, 1, 7, 10**9))
+    assert UNLIMITED.delay_after(10**6) == 0.0
+    with pytest.raises(ValueError, match="max_attempts"):
+        Retry(max_attempts=0)
+
+
+async def test_a_step_with_unlimited_attempts_fails_seven_times_then_completes() -> None:
+    journal = Journal()
+    flaky = Flaky(7)
+    assert await make_ctx(journal).step("s", flaky, retry=UNLIMITED) == "ok"
+    assert flaky.calls == 8
+    assert [e for e, _, _ in journal.events()] == ["RETRYING"] * 7 + ["COMPLETED"]
+
+
+def test_unlimited_attempts_cross_the_wire_as_their_own_field() -> None:
+    pb = retry_to_pb(UNLIMITED)
+    assert pb.unlimited_attempts and pb.max_attempts == 0
+    assert retry_from_pb(pb, Retry()) == UNLIMITED
+    assert server_retry_to_pb(UNLIMITED) == pb
+    # Without the flag, 0 still means "the default", as before the field existed.
+    limited = retry_to_pb(Retry(max_attempts=4))
+    assert not limited.unlimited_attempts and retry_from_pb(limited, Retry()).max_attempts == 4
+    limited.max_attempts = 0
+    assert retry_from_pb(limited, Retry(max_attempts=3)).max_attempts == 3
+
+
+def test_unlimited_attempts_in_the_stores_json() -> None:
+    assert retry_from_json(retry_to_json(UNLIMITED)) == UNLIMITED
+    assert '"max_attempts":null' in retry_to_json(UNLIMITED)
+    assert retry_from_json(retry_to_json(Retry(max_attempts=5))).max_attempts == 5
+
+
+def test_the_coordinator_requeues_an_unlimited_run_however_often_it_failed() -> None:
+    ref = model.LeaseRef(run_id="r", lease_id="l", attempt=10_000, retry=UNLIMITED,
+                         lease_owner=None)
+    error = model.ErrorInfo(type="ValueError", message="boom")
+    again = policy.failure_transition(ref, error, state=None, immediate=False, now=1.0)
+    assert again.status is model.RunStatus.QUEUED
+    # A non-retryable error still ends it.
+    final = policy.failure_transition(
+        ref, model.ErrorInfo(type="X", message="no", non_retryable=True), state=None,
+        immediate=False, now=1.0)
+    assert final.status is model.RunStatus.FAILED
+
+
+async def test_a_stored_run_keeps_unlimited_attempts_and_a_replay_keeps_them(
+    store: Store,
+) -> None:
+    engine = Engine(store, EngineConfig(lease_ttl=30.0, heartbeat_interval=5.0))
+    await engine.register_tasks([model.TaskDef(
+        env="dev", id="t", version="1", queue="t", retry=UNLIMITED, payload_schema=None,
+        output_schema=None, max_duration=None)])
+    [(run, _)] = await engine.trigger("dev", [TriggerSpec(task_id="t", payload=b"{}")])
+    assert run.retry.max_attempts is None
+    stored = await store.get_run("dev", run.id)
+    assert stored is not None and stored.retry == UNLIMITED
+    await engine.cancel("dev", run.id)
+    replayed = await engine.replay("dev", run.id, from_scratch=False)
+    assert replayed.retry.max_attempts is None
+    assert time.time() >= replayed.run_at
+
