@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 from ratchet import retry
 from ratchet._client import Client
-from ratchet._context import Context
+from ratchet._context import Context, current_context
 from ratchet._errors import (
     AuthenticationError,
     ChildRunFailedError,
@@ -65,6 +65,7 @@ __all__ = [
     "Worker",
     "WorkerError",
     "__version__",
+    "current_context",
     "retry",
     "task",
 ]

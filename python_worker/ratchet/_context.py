@@ -39,12 +39,33 @@ logger = logging.getLogger("ratchet.task")
 _current_context: contextvars.ContextVar[Context] = contextvars.ContextVar("ratchet_context")
 
 
-def current() -> Context:
-    """The Context of the run this code executes in (for helpers such as retry.fetch)."""
+def current_context() -> Context:
+    """The Context of the run whose task function or step is executing.
+
+    For helpers that step code calls without a `ctx` argument. It works in
+    async steps and in sync steps (their thread gets a copy of the task's
+    context variables), and in the task's hooks. Raises RuntimeError outside
+    a run, and in a step run with `executor="process"`: that step runs in
+    another process, where the run's Context does not exist.
+    """
     try:
         return _current_context.get()
     except LookupError:
-        raise RuntimeError("not inside a Ratchet task") from None
+        if _process.IN_STEP_PROCESS:
+            raise RuntimeError(
+                "ratchet.current_context() is not available in a step run with "
+                "executor='process' (it runs in a child process, without the run's "
+                "Context): pass what the step needs, such as ctx.idempotency_key, "
+                "as arguments") from None
+        raise RuntimeError(
+            "ratchet.current_context() was called outside a Ratchet run (it works in a "
+            "task function, its steps and its hooks, as executed by a ratchet.Worker)"
+        ) from None
+
+
+def current() -> Context:
+    """The Context of the run this code executes in (for helpers such as retry.fetch)."""
+    return current_context()
 
 
 class Context:

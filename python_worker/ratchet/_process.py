@@ -20,9 +20,10 @@ What it costs, and the rules that follow:
 - Arguments, the result and any exception are pickled between the two
   processes: large ones cost copies, and objects that do not pickle (open
   files, connections, locks) cannot be passed.
-- No shared globals: the child has its own module state, and `ratchet.current()`
-  or `ctx` do not exist there; pass what the function needs as arguments
-  (for example `ctx.idempotency_key`, read before the call).
+- No shared globals: the child has its own module state, and `ctx` does not
+  exist there (`ratchet.current_context()` raises RuntimeError); pass what
+  the function needs as arguments (for example `ctx.idempotency_key`, read
+  before the call).
 - The pool starts lazily (spawn, not fork: a fork of a process that runs gRPC
   threads is not safe), one child per slot at most; the first process step
   of each child pays an interpreter start and its imports (typically a few
@@ -120,7 +121,14 @@ def _call_in_child(target: FunctionRef | Callable[..., Any], args: tuple[Any, ..
         raise
 
 
+# True in a step process (set by the pool's initializer), so that
+# ratchet.current_context() can say why there is no context there.
+IN_STEP_PROCESS = False
+
+
 def _child_init() -> None:
+    global IN_STEP_PROCESS
+    IN_STEP_PROCESS = True
     # The worker decides when its children end (Ctrl-C in a terminal reaches
     # the whole process group; the worker drains, the children must not die).
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -35,6 +35,7 @@ PUBLIC = [
     "Worker",
     "WorkerError",
     "__version__",
+    "current_context",
     "retry",
     "task",
 ]

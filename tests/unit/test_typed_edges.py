@@ -3,12 +3,15 @@ task, per-item idempotency keys, `ratchet.current_context()`, error classes."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
-from ratchet import Retry
+import ratchet
+from ratchet import Retry, _context
 from ratchet._codec import retry_to_pb
+from ratchet._process import ProcessPool, reference
 from ratchet_server import model
 from ratchet_server.api.convert import retry_from_pb
 from ratchet_server.api.convert import retry_to_pb as server_retry_to_pb
@@ -86,4 +89,49 @@ async def test_a_stored_run_keeps_unlimited_attempts_and_a_replay_keeps_them(
     replayed = await engine.replay("dev", run.id, from_scratch=False)
     assert replayed.retry.max_attempts is None
     assert time.time() >= replayed.run_at
+
+
+# --- ratchet.current_context() ---------------------------------------------------------
+
+
+def context_in_thread() -> tuple[str, bool]:
+    ctx = ratchet.current_context()
+    return ctx.run_id, threading.current_thread() is not threading.main_thread()
+
+
+async def context_in_async_step() -> str:
+    return ratchet.current_context().idempotency_key
+
+
+def context_in_process() -> str:
+    try:
+        ratchet.current_context()
+    except RuntimeError as exc:
+        return str(exc)
+    return "a context in a process step"
+
+
+async def test_current_context_in_async_and_sync_steps() -> None:
+    ctx = make_ctx(Journal())
+    token = _context._current_context.set(ctx)  # as the worker's execution does
+    try:
+        assert ratchet.current_context() is ctx
+        assert await ctx.step("a", context_in_async_step) == "run_1:a"
+        assert await ctx.step("s", context_in_thread) == ("run_1", True)
+    finally:
+        _context._current_context.reset(token)
+
+
+def test_current_context_outside_a_run_raises() -> None:
+    with pytest.raises(RuntimeError, match="outside a Ratchet run"):
+        ratchet.current_context()
+
+
+async def test_current_context_in_a_process_step_raises_a_clear_error() -> None:
+    pool = ProcessPool(1)
+    try:
+        message = await pool.run(reference(context_in_process), (), {})
+    finally:
+        pool.shutdown()
+    assert "executor='process'" in message and "arguments" in message
 
