@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as dt
 import enum
+import importlib
 from typing import Any
 
 
@@ -27,7 +29,13 @@ class RunStatus(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RunError:
-    """Why a step or run attempt failed."""
+    """Why a step or run attempt failed.
+
+    `type` is the exception's name as the worker recorded it: the bare name
+    for builtins (`ValueError`), `ratchet.X` for the SDK's errors, else
+    `module.QualName`. `error_class()` and `is_instance()` turn it back into
+    the class where this process can import it.
+    """
 
     type: str
     message: str
@@ -35,6 +43,45 @@ class RunError:
     non_retryable: bool = False
     step_key: str = ""
     attempt: int = 0
+
+    def error_class(self) -> builtins.type[BaseException] | None:
+        """The exception class `type` names, or None when it cannot be had here.
+
+        The module is imported if it is not yet (so it must be installed in
+        this process); names of classes defined inside functions, of modules
+        that fail to import and of things that are not exception classes
+        (such as the coordinator's own `LeaseLost`) give None.
+        """
+        return _error_class(self.type)
+
+    def is_instance(
+        self, cls: builtins.type[BaseException] | tuple[builtins.type[BaseException], ...]
+    ) -> bool:
+        """What `isinstance(exc, cls)` said of the original exception: True when
+        `type` names `cls` or a subclass of it. False when the class cannot be
+        imported here (see `error_class`)."""
+        found = self.error_class()
+        return found is not None and issubclass(found, cls)
+
+
+def _error_class(name: str) -> type[BaseException] | None:
+    parts = name.split(".")
+    found: object = None
+    if len(parts) == 1:
+        found = getattr(builtins, name, None)
+    else:
+        # The longest importable prefix is the module; the rest is a qualname.
+        for split in range(len(parts) - 1, 0, -1):
+            try:
+                found = importlib.import_module(".".join(parts[:split]))
+            except Exception:  # not a module, not installed, or broken on import
+                continue
+            for attr in parts[split:]:
+                found = getattr(found, attr, None)
+            break
+    if isinstance(found, type) and issubclass(found, BaseException):
+        return found
+    return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

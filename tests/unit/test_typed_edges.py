@@ -135,3 +135,44 @@ async def test_current_context_in_a_process_step_raises_a_clear_error() -> None:
         pool.shutdown()
     assert "executor='process'" in message and "arguments" in message
 
+
+# --- RunError.error_class() / is_instance() ---------------------------------------------
+
+
+class PaymentError(Exception):
+    pass
+
+
+class CardDeclined(PaymentError):
+    pass
+
+
+def error_of(exc: BaseException) -> ratchet.RunError:
+    from ratchet._codec import error_from_exception
+
+    return error_from_exception(exc)
+
+
+def test_error_types_resolve_to_their_classes() -> None:
+    declined = error_of(CardDeclined("no"))
+    assert declined.type == f"{__name__}.CardDeclined"  # the string stays as it was
+    assert declined.error_class() is CardDeclined
+    assert declined.is_instance(PaymentError) and declined.is_instance((KeyError, CardDeclined))
+    assert not declined.is_instance(ValueError)
+    assert error_of(KeyError("k")).error_class() is KeyError  # builtins by bare name
+    assert error_of(KeyError("k")).is_instance(LookupError)
+    refused = error_of(ratchet.NonRetryableError("x"))
+    assert refused.type == "ratchet.NonRetryableError"
+    assert refused.error_class() is ratchet.NonRetryableError
+    assert refused.is_instance(ratchet.RatchetError)
+
+
+def test_error_types_that_cannot_be_imported_give_none() -> None:
+    class Local(Exception):
+        pass
+
+    for name in ("LeaseLost", "ratchet.MaxDurationExceeded", "no_such_module.Error",
+                 error_of(Local()).type, "os.path", "builtins.len", "", "."):
+        error = ratchet.RunError(type=name, message="")
+        assert error.error_class() is None, name
+        assert not error.is_instance(Exception)
