@@ -207,6 +207,8 @@ class Step:
     finished_at: float | None
     wake_at: float | None = None
     token_id: str | None = None
+    # ctx.state (JSON) as saved with the step's COMPLETED checkpoint.
+    state: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

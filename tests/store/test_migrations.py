@@ -26,7 +26,7 @@ EXPECTED_COLUMNS = {
     },
     "steps": {
         "run_id", "key", "kind", "status", "attempts", "retry_base", "output", "error",
-        "created_at", "started_at", "finished_at", "wake_at", "token_id",
+        "created_at", "started_at", "finished_at", "wake_at", "token_id", "state",
     },
     "run_events": {"id", "run_id", "at", "type", "attempt", "lease_id", "step_key", "data"},
     "tasks": {

@@ -123,7 +123,7 @@ def step_to_pb(step: model.Step) -> common_pb2.Step:
         started_at=ts(step.started_at), finished_at=ts(step.finished_at),
         retry_base=step.retry_base,
         wake_at=ts(step.wake_at) if step.status is model.StepStatus.RUNNING else None,
-        token_id=step.token_id or "")
+        token_id=step.token_id or "", state=_utf8(step.state))
 
 
 def run_to_pb(run: model.Run) -> run_pb2.Run:

@@ -81,6 +81,7 @@ def step_from_row(row: _dialect.Row) -> model.Step:
         finished_at=row["finished_at"],
         wake_at=row["wake_at"],
         token_id=row["token_id"],
+        state=row["state"],
     )
 
 
@@ -175,6 +176,9 @@ def step_params(w: model.StepWrite, now: float) -> dict[str, Any]:
         "finished_at": w.finished_at,
         "wake_at": w.wake_at,
         "token_id": w.token_id,
+        # Kept per step only from a COMPLETED checkpoint: a replay restores it
+        # as it passes the step (issue 10, "state that replays cleanly").
+        "state": w.state if w.status is model.StepStatus.COMPLETED else None,
     }
 
 

@@ -117,7 +117,7 @@ def create_children_txn(
         "status": (model.StepStatus.RUNNING if wait else model.StepStatus.COMPLETED).value,
         "attempts": 1, "retry_base": 0, "output": None if wait else json.dumps(ids),
         "error": None, "now": now, "started_at": now, "finished_at": None if wait else now,
-        "wake_at": None, "token_id": None})
+        "wake_at": None, "token_id": None, "state": None})
     _rows.insert_events_txn(conn, d, [
         *(model.Event(run_id=c.id, type=model.EventType.TRIGGERED, at=now,
                       data=json.dumps({"parent_run_id": parent, "step_key": step_key}))

@@ -163,9 +163,9 @@ WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
 
 -- name: upsert_step
 INSERT INTO steps (run_id, key, kind, status, attempts, retry_base, output, error, created_at,
-                   started_at, finished_at, wake_at, token_id)
+                   started_at, finished_at, wake_at, token_id, state)
 VALUES (:run_id, :key, :kind, :status, :attempts, :retry_base, :output, :error, :now,
-        :started_at, :finished_at, :wake_at, :token_id)
+        :started_at, :finished_at, :wake_at, :token_id, :state)
 ON CONFLICT (run_id, key) DO UPDATE SET
     wake_at = COALESCE(excluded.wake_at, steps.wake_at),
     token_id = COALESCE(steps.token_id, excluded.token_id),
@@ -176,7 +176,8 @@ ON CONFLICT (run_id, key) DO UPDATE SET
     output = excluded.output,
     error = COALESCE(excluded.error, steps.error),
     started_at = COALESCE(steps.started_at, excluded.started_at),
-    finished_at = excluded.finished_at
+    finished_at = excluded.finished_at,
+    state = COALESCE(excluded.state, steps.state)
 WHERE steps.status <> 'COMPLETED'
 
 -- name: transition_run
