@@ -134,6 +134,14 @@ class Context:
     def _state_update(self) -> bytes | None:
         return self._steps.state_update()
 
+    def _replayed(self, record: common_pb2.Step) -> None:
+        """The replay passed a completed step: `ctx.state` becomes the state
+        saved with its COMPLETED checkpoint, so updates made before it are not
+        applied twice. A step saved without state (unchanged, or completed by
+        the coordinator: a long sleep, a token, children) leaves it as is."""
+        if record.state:
+            self.state = json.loads(record.state)
+
     async def step(
         self,
         name: str,
@@ -169,6 +177,7 @@ class Context:
         decode = _steps.decoder(fn)
         record = self._steps.records.get(key)
         if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
+            self._replayed(record)
             return typing.cast(T, decode(json.loads(record.output or b"null")))
         value = await self._steps.run(key, record, fn, args, kwargs, retry, executor, decode)
         return typing.cast(T, value)
@@ -201,6 +210,7 @@ class Context:
         key = steps.key(name)
         record = steps.records.get(key)
         if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
+            self._replayed(record)
             return
         started = time.time()
         if record is not None and record.HasField("wake_at"):
@@ -335,6 +345,7 @@ class Context:
         key = self._steps.key(name)
         record = self._steps.records.get(key)
         if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
+            self._replayed(record)
             return json.loads(record.output)
         value = produce()
         now = time.time()

@@ -94,6 +94,11 @@ class Execution:
                           journal=journal, executor=self._threads,
                           sleep_threshold=self._sleep_threshold, processes=self._processes,
                           clock_offset=self.clock_offset)
+            # The code runs again from the top: ctx.state starts as it was
+            # there ({}) and each completed step the replay passes restores
+            # the state saved with it (Context._replayed). The stored document
+            # above stays what a change is compared with before it is sent.
+            ctx.state = {}
             self.ctx = ctx
             _context._current_context.set(ctx)
             try:
