@@ -20,6 +20,7 @@ from ratchet._client import Client
 from ratchet._context import Context, current_context
 from ratchet._errors import (
     AuthenticationError,
+    ChildOutputError,
     ChildRunFailedError,
     ClientError,
     InvalidArgumentError,
@@ -40,6 +41,7 @@ from ratchet._worker import Worker
 
 __all__ = [
     "AuthenticationError",
+    "ChildOutputError",
     "ChildRunFailedError",
     "Client",
     "ClientError",

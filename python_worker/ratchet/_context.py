@@ -20,11 +20,13 @@ import time
 import typing
 import uuid as uuid_module
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
+
+import pydantic
 
 from ratchet import _process, _steps
 from ratchet._codec import timestamp, to_json, trigger_options
-from ratchet._errors import ChildRunFailedError, TokenTimeoutError
+from ratchet._errors import ChildOutputError, ChildRunFailedError, TokenTimeoutError
 from ratchet._retry import Retry
 from ratchet._types import RunError
 from ratchet.v1 import common_pb2, run_pb2, worker_pb2
@@ -33,6 +35,7 @@ if typing.TYPE_CHECKING:
     from ratchet._task import Task
 
 T = TypeVar("T")
+Out = TypeVar("Out")
 
 logger = logging.getLogger("ratchet.task")
 
@@ -282,19 +285,43 @@ class Context:
         [run_id] = await self._children(name, task, [payload], False, options)
         return str(run_id)
 
+    @overload
+    async def trigger_and_wait(self, task: Task[Any, Out], payload: Any = None, *,
+                               name: str | None = None, **options: Any) -> Out: ...
+
+    @overload
+    async def trigger_and_wait(self, task: str, payload: Any = None, *,
+                               name: str | None = None, **options: Any) -> Any: ...
+
     async def trigger_and_wait(self, task: Task[Any, Any] | str, payload: Any = None, *,
                                name: str | None = None, **options: Any) -> Any:
         """Start a child run and return its output. The run suspends while the
         child works (holding no slot). Raises ChildRunFailedError if the child
-        ends other than COMPLETED."""
+        ends other than COMPLETED.
+
+        Given the Task (not just its id), the output is parsed into the task's
+        return type (a pydantic model, a list of them, ...), as the child's
+        own code saw it; an output that does not fit raises ChildOutputError
+        (non-retryable) naming the child run and the type. Given an id, the
+        output is plain JSON."""
         [output] = await self._children(name, task, [payload], True, options)
         return output
+
+    @overload
+    async def batch_trigger_and_wait(self, task: Task[Any, Out], payloads: Sequence[Any], *,
+                                     name: str | None = None, **options: Any) -> list[Out]: ...
+
+    @overload
+    async def batch_trigger_and_wait(self, task: str, payloads: Sequence[Any], *,
+                                     name: str | None = None, **options: Any) -> list[Any]: ...
 
     async def batch_trigger_and_wait(self, task: Task[Any, Any] | str, payloads: Sequence[Any],
                                      *, name: str | None = None, **options: Any) -> list[Any]:
         """Fan out: one child per payload (at most 1,000), created together and
-        exactly once; returns their outputs in input order. Raises
-        ChildRunFailedError (with every result) if any child failed."""
+        exactly once; returns their outputs in input order, typed as by
+        `trigger_and_wait`. Raises ChildRunFailedError (with every result) if
+        any child failed, ChildOutputError for the first output that does not
+        fit the Task's return type."""
         return await self._children(name, task, list(payloads), True, options)
 
     async def _children(self, name: str | None, task: Task[Any, Any] | str,
@@ -305,7 +332,7 @@ class Context:
         record = steps.records.get(key)
         if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
             data = json.loads(record.output)
-            return _child_outputs(data) if wait else list(data)
+            return _child_outputs(data, task) if wait else list(data)
         if record is None or record.status == common_pb2.STEP_STATUS_FAILED:
             opts = trigger_options(
                 None, None, options.get("delay"), options.get("ttl"),
@@ -354,11 +381,26 @@ class Context:
                                          output=to_json(value), kind=common_pb2.STEP_KIND_VALUE)
         return value
 
-def _child_outputs(results: list[dict[str, Any]]) -> list[Any]:
+def _child_outputs(results: list[dict[str, Any]], task: Task[Any, Any] | str) -> list[Any]:
     for result in results:
         if result["status"] != "COMPLETED":
             error = result.get("error")
             raise ChildRunFailedError(
                 result["run_id"], result["status"],
                 None if not error else RunError(**error), results)
-    return [result["output"] for result in results]
+    outputs = [result["output"] for result in results]
+    # Typed only when the parent holds the Task: an id says nothing of the type.
+    # A type pydantic cannot validate stays plain JSON, as for ctx.step.
+    adapter = None if isinstance(task, str) or task.output_type is None \
+        else _steps.adapter(task.output_type)
+    if adapter is None:
+        return outputs
+    typed = []
+    for result, output in zip(results, outputs, strict=True):
+        try:
+            typed.append(adapter.validate_python(output))
+        except pydantic.ValidationError as exc:
+            assert not isinstance(task, str)
+            raise ChildOutputError(result["run_id"], task.id, task.output_type, output,
+                                   exc) from None
+    return typed

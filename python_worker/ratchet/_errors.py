@@ -2,6 +2,7 @@
 
     RatchetError
     ├── NonRetryableError       raise it (or a subclass) to fail at once, without retries
+    │   └── ChildOutputError    a child's output does not fit its task's output type
     ├── StepFailedError         a step used up its attempts; carries the step key and error
     ├── RunFailedError          Client.wait(): the run ended other than COMPLETED
     ├── LeaseLostError          the coordinator no longer honours this worker's lease
@@ -78,6 +79,29 @@ class ChildRunFailedError(RatchetError):
         self.status = status
         self.error = error
         self.results = results
+
+
+class ChildOutputError(NonRetryableError):
+    """A child run completed, but its output does not fit the output type of
+    the child's task (the Task object the parent passed to `trigger_and_wait`).
+
+    `run_id`, `task_id` and `output_type` name the child, its task and the
+    type; `output` is the child's output as plain JSON; `validation` holds
+    pydantic's ValidationError. Non-retryable: the output is stored, so a
+    later attempt would see the same one. After fixing the type, `replay` the
+    parent: the child is not run again.
+    """
+
+    def __init__(self, run_id: str, task_id: str, output_type: Any, output: Any,
+                 validation: Exception) -> None:
+        name = getattr(output_type, "__qualname__", None) or repr(output_type)
+        super().__init__(f"the output of child run {run_id} (task {task_id!r}) does not "
+                         f"fit its output type {name}: {validation}")
+        self.run_id = run_id
+        self.task_id = task_id
+        self.output_type = output_type
+        self.output = output
+        self.validation = validation
 
 
 class LeaseLostError(RatchetError):

@@ -317,8 +317,20 @@ async def _call(
 # --- a step's result, as its function's return type -------------------------------------
 
 
+def adapter(tp: Any) -> pydantic.TypeAdapter[Any] | None:
+    """A validator for `tp`, or None when pydantic cannot validate it."""
+    try:
+        return _adapter(tp)
+    except TypeError:  # an unhashable annotation: not cached
+        return _make_adapter(tp)
+
+
 @functools.lru_cache(maxsize=512)
 def _adapter(tp: Any) -> pydantic.TypeAdapter[Any] | None:
+    return _make_adapter(tp)
+
+
+def _make_adapter(tp: Any) -> pydantic.TypeAdapter[Any] | None:
     try:
         return pydantic.TypeAdapter(tp)
     except (pydantic.PydanticUserError, TypeError):

@@ -3,15 +3,19 @@ task, per-item idempotency keys, `ratchet.current_context()`, error classes."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from typing import Any
 
+import pydantic
 import pytest
 
 import ratchet
 from ratchet import Retry, _context
 from ratchet._codec import retry_to_pb
 from ratchet._process import ProcessPool, reference
+from ratchet.v1 import common_pb2
 from ratchet_server import model
 from ratchet_server.api.convert import retry_from_pb
 from ratchet_server.api.convert import retry_to_pb as server_retry_to_pb
@@ -176,3 +180,61 @@ def test_error_types_that_cannot_be_imported_give_none() -> None:
         error = ratchet.RunError(type=name, message="")
         assert error.error_class() is None, name
         assert not error.is_instance(Exception)
+
+
+# --- child outputs typed by the child's Task ---------------------------------------------
+
+
+class Summary(pydantic.BaseModel):
+    words: int
+    title: str
+
+
+@ratchet.task(id="summarise")
+async def summarise(ctx: ratchet.Context, payload: dict[str, Any]) -> Summary:
+    return Summary(words=1, title="t")
+
+
+@ratchet.task(id="untyped-child")
+async def untyped_child(ctx: ratchet.Context, payload: dict[str, Any]) -> Any:
+    return None
+
+
+def children_done(key: str, *outputs: Any) -> dict[str, common_pb2.Step]:
+    results = [{"run_id": f"run_c{i}", "status": "COMPLETED", "output": o, "error": None}
+               for i, o in enumerate(outputs)]
+    return {key: common_pb2.Step(key=key, kind=common_pb2.STEP_KIND_CHILD,
+                                 status=common_pb2.STEP_STATUS_COMPLETED,
+                                 output=json.dumps(results).encode())}
+
+
+async def test_a_child_output_is_parsed_into_its_tasks_output_type() -> None:
+    out = {"words": 3, "title": "a"}
+    ctx = make_ctx(Journal(), children_done("summarise", out))
+    assert await ctx.trigger_and_wait(summarise, {}) == Summary(words=3, title="a")
+    # By id the type is unknown: plain JSON.
+    ctx = make_ctx(Journal(), children_done("summarise", out))
+    assert await ctx.trigger_and_wait("summarise", {}) == out
+    # Unannotated (Any) outputs stay JSON too.
+    ctx = make_ctx(Journal(), children_done("untyped-child", out))
+    assert await ctx.trigger_and_wait(untyped_child, {}) == out
+
+
+async def test_a_batch_of_child_outputs_is_typed_in_order() -> None:
+    ctx = make_ctx(Journal(), children_done("fan", {"words": 1, "title": "x"},
+                                            {"words": 2, "title": "y"}))
+    got = await ctx.batch_trigger_and_wait(summarise, [{}, {}], name="fan")
+    assert got == [Summary(words=1, title="x"), Summary(words=2, title="y")]
+
+
+async def test_an_output_that_does_not_fit_raises_child_output_error() -> None:
+    ctx = make_ctx(Journal(), children_done("fan", {"words": 1, "title": "x"},
+                                            {"words": "many"}))
+    with pytest.raises(ratchet.ChildOutputError) as caught:
+        await ctx.batch_trigger_and_wait(summarise, [{}, {}], name="fan")
+    error = caught.value
+    assert error.run_id == "run_c1" and error.task_id == "summarise"
+    assert error.output_type is Summary and error.output == {"words": "many"}
+    assert "run_c1" in str(error) and "Summary" in str(error)
+    assert isinstance(error, ratchet.NonRetryableError)
+
