@@ -36,11 +36,12 @@ from ratchet._errors import (
 )
 from ratchet._retry import Retry
 from ratchet._task import PayloadValidationError, Task, task
-from ratchet._types import Decision, Run, RunError, RunEvent, RunStatus, StepInfo
+from ratchet._types import BatchItem, Decision, Run, RunError, RunEvent, RunStatus, StepInfo
 from ratchet._worker import Worker
 
 __all__ = [
     "AuthenticationError",
+    "BatchItem",
     "ChildOutputError",
     "ChildRunFailedError",
     "Client",

@@ -16,7 +16,7 @@ from ratchet._errors import ClientError, RunFailedError, from_rpc_error
 from ratchet._retry import Retry
 from ratchet._session import CHANNEL_OPTIONS
 from ratchet._task import Task
-from ratchet._types import Run, RunEvent, RunStatus
+from ratchet._types import BatchItem, Run, RunEvent, RunStatus
 from ratchet._worker import DEFAULT_COORDINATOR
 from ratchet.v1 import common_pb2, run_pb2, run_pb2_grpc, system_pb2, system_pb2_grpc
 
@@ -85,13 +85,22 @@ class Client:
         return run_from_pb(response.run, created=response.created)
 
     async def batch_trigger(
-        self, task: Task[Any, Any] | str, payloads: Iterable[Any], *, tags: Sequence[str] = (),
-        priority: int = 0,
+        self, task: Task[Any, Any] | str, payloads: Iterable[Any | BatchItem], *,
+        tags: Sequence[str] = (), priority: int = 0,
     ) -> list[Run]:
-        """Start one run per payload in one transaction (all or none; at most 1,000)."""
-        options = run_pb2.TriggerOptions(tags=list(tags), priority=priority)
-        items = [run_pb2.BatchTriggerItem(task_id=_task_id(task), payload=to_json(p),
-                                          options=options) for p in payloads]
+        """Start one run per payload in one transaction (all or none; at most 1,000).
+
+        An item may be a `ratchet.BatchItem(payload, idempotency_key=...)`:
+        a key already in use returns the existing run (`created` False), as
+        `trigger` does, so a batch sent twice creates each keyed run once.
+        """
+        items = []
+        for p in payloads:
+            item = p if isinstance(p, BatchItem) else BatchItem(p)
+            options = trigger_options(item.idempotency_key, item.idempotency_key_ttl, None, None,
+                                      priority, None, None, tags, None, None, None)
+            items.append(run_pb2.BatchTriggerItem(task_id=_task_id(task),
+                                                  payload=to_json(item.payload), options=options))
         response = await self._call(self._runs.BatchTrigger,
                                     run_pb2.BatchTriggerRequest(items=items))
         return [run_from_pb(r.run, created=r.created) for r in response.results]

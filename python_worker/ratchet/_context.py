@@ -28,7 +28,7 @@ from ratchet import _process, _steps
 from ratchet._codec import timestamp, to_json, trigger_options
 from ratchet._errors import ChildOutputError, ChildRunFailedError, TokenTimeoutError
 from ratchet._retry import Retry
-from ratchet._types import RunError
+from ratchet._types import BatchItem, RunError
 from ratchet.v1 import common_pb2, run_pb2, worker_pb2
 
 if typing.TYPE_CHECKING:
@@ -328,6 +328,7 @@ class Context:
                         payloads: list[Any], wait: bool, options: dict[str, Any]) -> list[Any]:
         steps = self._steps
         task_id = task if isinstance(task, str) else task.id
+        payloads = _child_payloads(payloads, options)
         key = steps.key(name or task_id)
         record = steps.records.get(key)
         if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
@@ -380,6 +381,27 @@ class Context:
             await self._steps.checkpoint(key, worker_pb2.STEP_EVENT_COMPLETED, 1, 0, now, now,
                                          output=to_json(value), kind=common_pb2.STEP_KIND_VALUE)
         return value
+
+_NO_CHILD_KEYS = (
+    "child runs take no idempotency key: each child is created exactly once per (parent "
+    "run, step key, position), however often the parent replays. To deduplicate across "
+    "runs, trigger them with Client.batch_trigger(..., ratchet.BatchItem(payload, "
+    "idempotency_key=...)), or pass ctx.idempotency_key to the side effect itself")
+
+
+def _child_payloads(payloads: list[Any], options: Mapping[str, Any]) -> list[Any]:
+    """The payloads of child runs; keys are refused before anything is sent."""
+    if options.get("idempotency_key") is not None:
+        raise ValueError(_NO_CHILD_KEYS)
+    out = []
+    for p in payloads:
+        if isinstance(p, BatchItem):
+            if p.idempotency_key is not None:
+                raise ValueError(_NO_CHILD_KEYS)
+            p = p.payload
+        out.append(p)
+    return out
+
 
 def _child_outputs(results: list[dict[str, Any]], task: Task[Any, Any] | str) -> list[Any]:
     for result in results:

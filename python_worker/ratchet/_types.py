@@ -85,6 +85,25 @@ def _error_class(name: str) -> type[BaseException] | None:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One run of `Client.batch_trigger`, in place of a bare payload, when it
+    needs an idempotency key of its own (Hatchet's `key=`):
+
+        await client.batch_trigger(charge, [ratchet.BatchItem(o, idempotency_key=o["id"])
+                                            for o in orders])
+
+    A run with a key that is already in use (by an earlier run of the task,
+    or an earlier item of the same batch) is not created again: its result
+    is that run, with `created` False. `idempotency_key_ttl` (seconds) as in
+    `Client.trigger`. Child runs take no key (see `ctx.batch_trigger_and_wait`).
+    """
+
+    payload: Any = None
+    idempotency_key: str | None = None
+    idempotency_key_ttl: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StepInfo:
     """One entry of a run's journal."""
 

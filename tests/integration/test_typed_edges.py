@@ -52,3 +52,19 @@ async def test_child_outputs_are_typed_by_the_child_task(cluster: Cluster, worke
     assert final.error.non_retryable and "Summary" in final.error.message
     assert final.error.is_instance(ratchet.ChildOutputError)
 
+
+async def test_batch_items_with_their_own_idempotency_keys(cluster: Cluster, worker: None) -> None:
+    client = cluster.client()
+    items = [ratchet.BatchItem({"text": "a"}, idempotency_key="doc-a"), {"text": "b"},
+             ratchet.BatchItem({"text": "a again"}, idempotency_key="doc-a")]
+    first = await client.batch_trigger("edge-summarise", items)
+    assert [r.created for r in first] == [True, True, False]
+    assert first[2].id == first[0].id and first[0].idempotency_key == "doc-a"
+    # The same batch again: the keyed run is not created twice, the unkeyed one is.
+    second = await client.batch_trigger("edge-summarise", items)
+    assert [r.created for r in second] == [False, True, False]
+    assert second[0].id == first[0].id and second[1].id != first[1].id
+    done = await client.wait(first[0].id, timeout=30)
+    assert done.status == "COMPLETED" and done.output == {"words": 1, "title": "a"}
+    for run in (first[1], second[1]):
+        assert (await client.wait(run.id, timeout=30)).status == "COMPLETED"

@@ -10,6 +10,7 @@ pytestmark = pytest.mark.timeout(10)
 
 PUBLIC = [
     "AuthenticationError",
+    "BatchItem",
     "ChildOutputError",
     "ChildRunFailedError",
     "Client",

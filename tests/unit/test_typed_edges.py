@@ -15,7 +15,7 @@ import ratchet
 from ratchet import Retry, _context
 from ratchet._codec import retry_to_pb
 from ratchet._process import ProcessPool, reference
-from ratchet.v1 import common_pb2
+from ratchet.v1 import common_pb2, run_pb2
 from ratchet_server import model
 from ratchet_server.api.convert import retry_from_pb
 from ratchet_server.api.convert import retry_to_pb as server_retry_to_pb
@@ -238,3 +238,54 @@ async def test_an_output_that_does_not_fit_raises_child_output_error() -> None:
     assert "run_c1" in str(error) and "Summary" in str(error)
     assert isinstance(error, ratchet.NonRetryableError)
 
+
+# --- per-item idempotency keys --------------------------------------------------------------
+
+
+class FakeRunService:
+    def __init__(self) -> None:
+        self.requests: list[run_pb2.BatchTriggerRequest] = []
+
+    async def BatchTrigger(self, request: run_pb2.BatchTriggerRequest,
+                           **_: Any) -> run_pb2.BatchTriggerResponse:
+        self.requests.append(request)
+        return run_pb2.BatchTriggerResponse(results=[
+            run_pb2.TriggerResponse(run=run_pb2.Run(id=f"run_{i}", task_id=item.task_id,
+                                                   status=common_pb2.RUN_STATUS_QUEUED),
+                                    created=True)
+            for i, item in enumerate(request.items)])
+
+
+async def test_batch_trigger_sends_each_items_own_key() -> None:
+    client = ratchet.Client("127.0.0.1:1")
+    fake = FakeRunService()
+    client._runs = fake
+    try:
+        runs = await client.batch_trigger(
+            "summarise", [ratchet.BatchItem({"n": 1}, idempotency_key="order-1",
+                                            idempotency_key_ttl=60.0),
+                          {"n": 2}, ratchet.BatchItem({"n": 3})], tags=["t"], priority=5)
+    finally:
+        await client.close()
+    assert [r.id for r in runs] == ["run_0", "run_1", "run_2"]
+    [request] = fake.requests
+    items = list(request.items)
+    assert [json.loads(i.payload) for i in items] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert [i.options.idempotency_key for i in items] == ["order-1", "", ""]
+    assert items[0].options.idempotency_key_ttl.seconds == 60
+    assert not items[1].options.HasField("idempotency_key_ttl")
+    assert all(list(i.options.tags) == ["t"] and i.options.priority == 5 for i in items)
+
+
+async def test_child_runs_refuse_idempotency_keys_before_sending_anything() -> None:
+    journal = Journal()
+    ctx = make_ctx(journal)
+    with pytest.raises(ValueError, match="exactly once per"):
+        await ctx.batch_trigger_and_wait(summarise, [ratchet.BatchItem({}, idempotency_key="k")])
+    with pytest.raises(ValueError, match=r"Client\.batch_trigger"):
+        await ctx.trigger(summarise, {}, idempotency_key="k")
+    assert journal.checkpoints == []
+    # A BatchItem without a key is just its payload; the refused calls took no step key.
+    ctx = make_ctx(Journal(), children_done("summarise", {"words": 1, "title": "x"}))
+    assert await ctx.batch_trigger_and_wait(summarise, [ratchet.BatchItem({})]) == [
+        Summary(words=1, title="x")]
