@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from ratchet_server import model
-from ratchet_server.engine import core, errors, policy
+from ratchet_server.engine import core, errors, policy, validate
 from ratchet_server.engine.core import (
     MAX_BATCH,
     MAX_PAYLOAD_BYTES,
@@ -23,20 +23,13 @@ from ratchet_server.engine.core import (
 
 log = logging.getLogger("ratchet.engine")
 
-# A wait a worker asks for may be long (sleep_until a date), not absurd: the
-# due time must stay a valid timestamp (the same bound as a trigger's delay).
-MAX_WAIT_SECONDS = 10 * 365.25 * 24 * 3600.0
-
-
 def _due(after: float | None, at: float | None) -> float | None:
     """A due time on the coordinator's clock from a worker's duration (DESIGN
     §3: a worker whose clock is off must not move a wake-up); `at`, an
     absolute time from a worker older than the duration fields, otherwise."""
     if after is None:
         return at
-    if not 0.0 <= after <= MAX_WAIT_SECONDS:  # also refuses NaN
-        raise errors.InvalidArgument(
-            f"a wait must be between 0 and {MAX_WAIT_SECONDS:.0f}s (10 years); got {after:g}s")
+    validate.duration(after, "a wait")
     return time.time() + after
 
 
