@@ -183,7 +183,7 @@ async def test_retry_after_counts_on_the_coordinators_clock(engine: Engine) -> N
 @pytest.mark.parametrize("after", [-1.0, float("nan"), 11 * 366 * 86400.0])
 async def test_a_wait_out_of_bounds_is_invalid(engine: Engine, after: float) -> None:
     session, run = await leased(engine)
-    with pytest.raises(errors.InvalidArgument, match="^a wait "):
+    with pytest.raises(errors.InvalidArgument, match=r"^a wait "):
         await start_sleep(engine, session, run, "nap", wake_after=after)
 
 
