@@ -95,7 +95,7 @@ class BatchTriggerResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[TriggerResponse, _Mapping]]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "task_id", "status", "attempt", "payload", "output", "error", "idempotency_key", "tags", "metadata", "priority", "queue", "concurrency_key", "parent_run_id", "created_at", "started_at", "finished_at", "run_at", "state", "retry", "replay_of", "discarded_at")
+    __slots__ = ("id", "task_id", "status", "attempt", "payload", "output", "error", "idempotency_key", "tags", "metadata", "priority", "queue", "concurrency_key", "parent_run_id", "created_at", "started_at", "finished_at", "run_at", "state", "retry", "replay_of", "discarded_at", "lease_losses")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class Run(_message.Message):
     RETRY_FIELD_NUMBER: _ClassVar[int]
     REPLAY_OF_FIELD_NUMBER: _ClassVar[int]
     DISCARDED_AT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_LOSSES_FIELD_NUMBER: _ClassVar[int]
     id: str
     task_id: str
     status: _common_pb2.RunStatus
@@ -147,7 +148,8 @@ class Run(_message.Message):
     retry: _common_pb2.RetryPolicy
     replay_of: str
     discarded_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., task_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.RunStatus, str]] = ..., attempt: _Optional[int] = ..., payload: _Optional[bytes] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., queue: _Optional[str] = ..., concurrency_key: _Optional[str] = ..., parent_run_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[bytes] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., replay_of: _Optional[str] = ..., discarded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    lease_losses: int
+    def __init__(self, id: _Optional[str] = ..., task_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.RunStatus, str]] = ..., attempt: _Optional[int] = ..., payload: _Optional[bytes] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., queue: _Optional[str] = ..., concurrency_key: _Optional[str] = ..., parent_run_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[bytes] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., replay_of: _Optional[str] = ..., discarded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_losses: _Optional[int] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)

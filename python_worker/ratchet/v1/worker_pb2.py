@@ -28,7 +28,7 @@ from ratchet.v1 import common_pb2 as ratchet_dot_v1_dot_common__pb2
 from ratchet.v1 import run_pb2 as ratchet_dot_v1_dot_run__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ratchet/v1/worker.proto\x12\nratchet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17ratchet/v1/common.proto\x1a\x14ratchet/v1/run.proto\"\xe2\x02\n\x0eSessionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\"\n\x05hello\x18\x02 \x01(\x0b\x32\x11.ratchet.v1.HelloH\x00\x12*\n\theartbeat\x18\x03 \x01(\x0b\x32\x15.ratchet.v1.HeartbeatH\x00\x12,\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x16.ratchet.v1.CheckpointH\x00\x12(\n\x08\x63omplete\x18\x05 \x01(\x0b\x32\x14.ratchet.v1.CompleteH\x00\x12(\n\x05slots\x18\x06 \x01(\x0b\x32\x17.ratchet.v1.SlotsUpdateH\x00\x12+\n\x07release\x18\x07 \x01(\x0b\x32\x18.ratchet.v1.ReleaseLeaseH\x00\x12/\n\x08\x63hildren\x18\x08 \x01(\x0b\x32\x1b.ratchet.v1.TriggerChildrenH\x00\x42\x06\n\x04kindJ\x04\x08\t\x10\x14\"\xcd\x01\n\x0fSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12&\n\x07welcome\x18\x02 \x01(\x0b\x32\x13.ratchet.v1.WelcomeH\x00\x12\'\n\x05lease\x18\x03 \x01(\x0b\x32\x16.ratchet.v1.LeaseGrantH\x00\x12\x1e\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x0f.ratchet.v1.AckH\x00\x12\'\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x15.ratchet.v1.CancelRunH\x00\x42\x06\n\x04kindJ\x04\x08\x06\x10\x14\"\xca\x01\n\x0eTaskDefinition\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12&\n\x05retry\x18\x04 \x01(\x0b\x32\x17.ratchet.v1.RetryPolicy\x12\x16\n\x0epayload_schema\x18\x05 \x01(\x0c\x12\x15\n\routput_schema\x18\x06 \x01(\x0c\x12/\n\x0cmax_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationJ\x04\x08\x08\x10\x14\"\xb5\x01\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08sdk_name\x18\x02 \x01(\t\x12\x13\n\x0bsdk_version\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12)\n\x05tasks\x18\x05 \x03(\x0b\x32\x1a.ratchet.v1.TaskDefinition\x12\r\n\x05slots\x18\x06 \x01(\r\x12\x18\n\x10\x61\x63tive_lease_ids\x18\x07 \x03(\tJ\x04\x08\x08\x10\x14\"\xd5\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11\x61\x64opted_lease_ids\x18\x05 \x03(\t\x12\x16\n\x0eserver_version\x18\x06 \x01(\tJ\x04\x08\x07\x10\x14\"+\n\tHeartbeat\x12\x18\n\x10\x61\x63tive_lease_ids\x18\x01 \x03(\tJ\x04\x08\x02\x10\n\"\x1c\n\x0bSlotsUpdate\x12\r\n\x05slots\x18\x01 \x01(\r\"Q\n\x08Snapshot\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x1f\n\x05steps\x18\x02 \x03(\x0b\x32\x10.ratchet.v1.Step\x12\r\n\x05state\x18\x03 \x01(\x0cJ\x04\x08\x04\x10\x14\"\x83\x02\n\nLeaseGrant\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12&\n\x08snapshot\x18\x05 \x01(\x0b\x32\x14.ratchet.v1.Snapshot\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05retry\x18\x07 \x01(\x0b\x32\x17.ratchet.v1.RetryPolicy\x12+\n\x07sent_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.TimestampJ\x04\x08\x08\x10\x14\"\xbe\x04\n\nCheckpoint\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08step_key\x18\x03 \x01(\t\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.ratchet.v1.StepKind\x12$\n\x05\x65vent\x18\x05 \x01(\x0e\x32\x15.ratchet.v1.StepEvent\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x0e\n\x06output\x18\x07 \x01(\x0c\x12$\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x15.ratchet.v1.ErrorInfo\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\x05state\x18\x0b \x01(\x0cH\x00\x88\x01\x01\x12\x12\n\nretry_base\x18\x0c \x01(\r\x12\x30\n\x08retry_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12/\n\x07wake_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12\x10\n\x08token_id\x18\x0f \x01(\t\x12-\n\nwake_after\x18\x1e \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bretry_after\x18\x1f \x01(\x0b\x32\x19.google.protobuf.DurationB\x08\n\x06_stateJ\x04\x08\x10\x10\x1e\"\x1b\n\tSucceeded\x12\x0e\n\x06output\x18\x01 \x01(\x0c\"\x90\x01\n\x06\x46\x61iled\x12$\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x15.ratchet.v1.ErrorInfo\x12\x30\n\x08retry_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"$\n\tSuspended\x12\x11\n\tstep_keys\x18\x01 \x03(\tJ\x04\x08\x02\x10\x14\"\xd9\x01\n\x08\x43omplete\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12*\n\tsucceeded\x18\x03 \x01(\x0b\x32\x15.ratchet.v1.SucceededH\x00\x12$\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x12.ratchet.v1.FailedH\x00\x12*\n\tsuspended\x18\x05 \x01(\x0b\x32\x15.ratchet.v1.SuspendedH\x00\x12\x12\n\x05state\x18\x06 \x01(\x0cH\x01\x88\x01\x01\x42\t\n\x07outcomeB\x08\n\x06_stateJ\x04\x08\x07\x10\x14\"0\n\x0cReleaseLease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\x86\x01\n\x0fTriggerChildren\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08step_key\x18\x03 \x01(\t\x12+\n\x05items\x18\x04 \x03(\x0b\x32\x1c.ratchet.v1.BatchTriggerItem\x12\x0c\n\x04wait\x18\x05 \x01(\x08J\x04\x08\x06\x10\x14\"5\n\x03\x41\x63k\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07run_ids\x18\x03 \x03(\t\"=\n\tCancelRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t*\x89\x01\n\tStepEvent\x12\x1a\n\x16STEP_EVENT_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_EVENT_STARTED\x10\x01\x12\x18\n\x14STEP_EVENT_COMPLETED\x10\x02\x12\x17\n\x13STEP_EVENT_RETRYING\x10\x03\x12\x15\n\x11STEP_EVENT_FAILED\x10\x04\x32W\n\rWorkerService\x12\x46\n\x07Session\x12\x1a.ratchet.v1.SessionRequest\x1a\x1b.ratchet.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ratchet/v1/worker.proto\x12\nratchet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17ratchet/v1/common.proto\x1a\x14ratchet/v1/run.proto\"\xe2\x02\n\x0eSessionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\"\n\x05hello\x18\x02 \x01(\x0b\x32\x11.ratchet.v1.HelloH\x00\x12*\n\theartbeat\x18\x03 \x01(\x0b\x32\x15.ratchet.v1.HeartbeatH\x00\x12,\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x16.ratchet.v1.CheckpointH\x00\x12(\n\x08\x63omplete\x18\x05 \x01(\x0b\x32\x14.ratchet.v1.CompleteH\x00\x12(\n\x05slots\x18\x06 \x01(\x0b\x32\x17.ratchet.v1.SlotsUpdateH\x00\x12+\n\x07release\x18\x07 \x01(\x0b\x32\x18.ratchet.v1.ReleaseLeaseH\x00\x12/\n\x08\x63hildren\x18\x08 \x01(\x0b\x32\x1b.ratchet.v1.TriggerChildrenH\x00\x42\x06\n\x04kindJ\x04\x08\t\x10\x14\"\xcd\x01\n\x0fSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12&\n\x07welcome\x18\x02 \x01(\x0b\x32\x13.ratchet.v1.WelcomeH\x00\x12\'\n\x05lease\x18\x03 \x01(\x0b\x32\x16.ratchet.v1.LeaseGrantH\x00\x12\x1e\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x0f.ratchet.v1.AckH\x00\x12\'\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x15.ratchet.v1.CancelRunH\x00\x42\x06\n\x04kindJ\x04\x08\x06\x10\x14\"\xe7\x01\n\x0eTaskDefinition\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12&\n\x05retry\x18\x04 \x01(\x0b\x32\x17.ratchet.v1.RetryPolicy\x12\x16\n\x0epayload_schema\x18\x05 \x01(\x0c\x12\x15\n\routput_schema\x18\x06 \x01(\x0c\x12/\n\x0cmax_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13handles_final_error\x18\x14 \x01(\x08J\x04\x08\x08\x10\x14\"\xb5\x01\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08sdk_name\x18\x02 \x01(\t\x12\x13\n\x0bsdk_version\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12)\n\x05tasks\x18\x05 \x03(\x0b\x32\x1a.ratchet.v1.TaskDefinition\x12\r\n\x05slots\x18\x06 \x01(\r\x12\x18\n\x10\x61\x63tive_lease_ids\x18\x07 \x03(\tJ\x04\x08\x08\x10\x14\"\xd5\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11\x61\x64opted_lease_ids\x18\x05 \x03(\t\x12\x16\n\x0eserver_version\x18\x06 \x01(\tJ\x04\x08\x07\x10\x14\"+\n\tHeartbeat\x12\x18\n\x10\x61\x63tive_lease_ids\x18\x01 \x03(\tJ\x04\x08\x02\x10\n\"\x1c\n\x0bSlotsUpdate\x12\r\n\x05slots\x18\x01 \x01(\r\"Q\n\x08Snapshot\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x1f\n\x05steps\x18\x02 \x03(\x0b\x32\x10.ratchet.v1.Step\x12\r\n\x05state\x18\x03 \x01(\x0cJ\x04\x08\x04\x10\x14\"\xaf\x02\n\nLeaseGrant\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12&\n\x08snapshot\x18\x05 \x01(\x0b\x32\x14.ratchet.v1.Snapshot\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05retry\x18\x07 \x01(\x0b\x32\x17.ratchet.v1.RetryPolicy\x12+\n\x07sent_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0b\x66inal_error\x18\x15 \x01(\x0b\x32\x15.ratchet.v1.ErrorInfoJ\x04\x08\x08\x10\x14\"\xbe\x04\n\nCheckpoint\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08step_key\x18\x03 \x01(\t\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.ratchet.v1.StepKind\x12$\n\x05\x65vent\x18\x05 \x01(\x0e\x32\x15.ratchet.v1.StepEvent\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x0e\n\x06output\x18\x07 \x01(\x0c\x12$\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x15.ratchet.v1.ErrorInfo\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\x05state\x18\x0b \x01(\x0cH\x00\x88\x01\x01\x12\x12\n\nretry_base\x18\x0c \x01(\r\x12\x30\n\x08retry_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12/\n\x07wake_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12\x10\n\x08token_id\x18\x0f \x01(\t\x12-\n\nwake_after\x18\x1e \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bretry_after\x18\x1f \x01(\x0b\x32\x19.google.protobuf.DurationB\x08\n\x06_stateJ\x04\x08\x10\x10\x1e\"\x1b\n\tSucceeded\x12\x0e\n\x06output\x18\x01 \x01(\x0c\"\x90\x01\n\x06\x46\x61iled\x12$\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x15.ratchet.v1.ErrorInfo\x12\x30\n\x08retry_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"$\n\tSuspended\x12\x11\n\tstep_keys\x18\x01 \x03(\tJ\x04\x08\x02\x10\x14\"\xd9\x01\n\x08\x43omplete\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12*\n\tsucceeded\x18\x03 \x01(\x0b\x32\x15.ratchet.v1.SucceededH\x00\x12$\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x12.ratchet.v1.FailedH\x00\x12*\n\tsuspended\x18\x05 \x01(\x0b\x32\x15.ratchet.v1.SuspendedH\x00\x12\x12\n\x05state\x18\x06 \x01(\x0cH\x01\x88\x01\x01\x42\t\n\x07outcomeB\x08\n\x06_stateJ\x04\x08\x07\x10\x14\"0\n\x0cReleaseLease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\x86\x01\n\x0fTriggerChildren\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08step_key\x18\x03 \x01(\t\x12+\n\x05items\x18\x04 \x03(\x0b\x32\x1c.ratchet.v1.BatchTriggerItem\x12\x0c\n\x04wait\x18\x05 \x01(\x08J\x04\x08\x06\x10\x14\"5\n\x03\x41\x63k\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07run_ids\x18\x03 \x03(\t\"=\n\tCancelRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t*\x89\x01\n\tStepEvent\x12\x1a\n\x16STEP_EVENT_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_EVENT_STARTED\x10\x01\x12\x18\n\x14STEP_EVENT_COMPLETED\x10\x02\x12\x17\n\x13STEP_EVENT_RETRYING\x10\x03\x12\x15\n\x11STEP_EVENT_FAILED\x10\x04\x32W\n\rWorkerService\x12\x46\n\x07Session\x12\x1a.ratchet.v1.SessionRequest\x1a\x1b.ratchet.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,44 +41,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKPOINT'].fields_by_name['wake_at']._serialized_options = b'\030\001'
   _globals['_FAILED'].fields_by_name['retry_at']._loaded_options = None
   _globals['_FAILED'].fields_by_name['retry_at']._serialized_options = b'\030\001'
-  _globals['_STEPEVENT']._serialized_start=3058
-  _globals['_STEPEVENT']._serialized_end=3195
+  _globals['_STEPEVENT']._serialized_start=3131
+  _globals['_STEPEVENT']._serialized_end=3268
   _globals['_SESSIONREQUEST']._serialized_start=152
   _globals['_SESSIONREQUEST']._serialized_end=506
   _globals['_SESSIONRESPONSE']._serialized_start=509
   _globals['_SESSIONRESPONSE']._serialized_end=714
   _globals['_TASKDEFINITION']._serialized_start=717
-  _globals['_TASKDEFINITION']._serialized_end=919
-  _globals['_HELLO']._serialized_start=922
-  _globals['_HELLO']._serialized_end=1103
-  _globals['_WELCOME']._serialized_start=1106
-  _globals['_WELCOME']._serialized_end=1319
-  _globals['_HEARTBEAT']._serialized_start=1321
-  _globals['_HEARTBEAT']._serialized_end=1364
-  _globals['_SLOTSUPDATE']._serialized_start=1366
-  _globals['_SLOTSUPDATE']._serialized_end=1394
-  _globals['_SNAPSHOT']._serialized_start=1396
-  _globals['_SNAPSHOT']._serialized_end=1477
-  _globals['_LEASEGRANT']._serialized_start=1480
-  _globals['_LEASEGRANT']._serialized_end=1739
-  _globals['_CHECKPOINT']._serialized_start=1742
-  _globals['_CHECKPOINT']._serialized_end=2316
-  _globals['_SUCCEEDED']._serialized_start=2318
-  _globals['_SUCCEEDED']._serialized_end=2345
-  _globals['_FAILED']._serialized_start=2348
-  _globals['_FAILED']._serialized_end=2492
-  _globals['_SUSPENDED']._serialized_start=2494
-  _globals['_SUSPENDED']._serialized_end=2530
-  _globals['_COMPLETE']._serialized_start=2533
-  _globals['_COMPLETE']._serialized_end=2750
-  _globals['_RELEASELEASE']._serialized_start=2752
-  _globals['_RELEASELEASE']._serialized_end=2800
-  _globals['_TRIGGERCHILDREN']._serialized_start=2803
-  _globals['_TRIGGERCHILDREN']._serialized_end=2937
-  _globals['_ACK']._serialized_start=2939
-  _globals['_ACK']._serialized_end=2992
-  _globals['_CANCELRUN']._serialized_start=2994
-  _globals['_CANCELRUN']._serialized_end=3055
-  _globals['_WORKERSERVICE']._serialized_start=3197
-  _globals['_WORKERSERVICE']._serialized_end=3284
+  _globals['_TASKDEFINITION']._serialized_end=948
+  _globals['_HELLO']._serialized_start=951
+  _globals['_HELLO']._serialized_end=1132
+  _globals['_WELCOME']._serialized_start=1135
+  _globals['_WELCOME']._serialized_end=1348
+  _globals['_HEARTBEAT']._serialized_start=1350
+  _globals['_HEARTBEAT']._serialized_end=1393
+  _globals['_SLOTSUPDATE']._serialized_start=1395
+  _globals['_SLOTSUPDATE']._serialized_end=1423
+  _globals['_SNAPSHOT']._serialized_start=1425
+  _globals['_SNAPSHOT']._serialized_end=1506
+  _globals['_LEASEGRANT']._serialized_start=1509
+  _globals['_LEASEGRANT']._serialized_end=1812
+  _globals['_CHECKPOINT']._serialized_start=1815
+  _globals['_CHECKPOINT']._serialized_end=2389
+  _globals['_SUCCEEDED']._serialized_start=2391
+  _globals['_SUCCEEDED']._serialized_end=2418
+  _globals['_FAILED']._serialized_start=2421
+  _globals['_FAILED']._serialized_end=2565
+  _globals['_SUSPENDED']._serialized_start=2567
+  _globals['_SUSPENDED']._serialized_end=2603
+  _globals['_COMPLETE']._serialized_start=2606
+  _globals['_COMPLETE']._serialized_end=2823
+  _globals['_RELEASELEASE']._serialized_start=2825
+  _globals['_RELEASELEASE']._serialized_end=2873
+  _globals['_TRIGGERCHILDREN']._serialized_start=2876
+  _globals['_TRIGGERCHILDREN']._serialized_end=3010
+  _globals['_ACK']._serialized_start=3012
+  _globals['_ACK']._serialized_end=3065
+  _globals['_CANCELRUN']._serialized_start=3067
+  _globals['_CANCELRUN']._serialized_end=3128
+  _globals['_WORKERSERVICE']._serialized_start=3270
+  _globals['_WORKERSERVICE']._serialized_end=3357
 # @@protoc_insertion_point(module_scope)

@@ -61,7 +61,7 @@ class SessionResponse(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., lease: _Optional[_Union[LeaseGrant, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., cancel: _Optional[_Union[CancelRun, _Mapping]] = ...) -> None: ...
 
 class TaskDefinition(_message.Message):
-    __slots__ = ("id", "version", "queue", "retry", "payload_schema", "output_schema", "max_duration")
+    __slots__ = ("id", "version", "queue", "retry", "payload_schema", "output_schema", "max_duration", "handles_final_error")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class TaskDefinition(_message.Message):
     PAYLOAD_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     MAX_DURATION_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FINAL_ERROR_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: str
     queue: str
@@ -76,7 +77,8 @@ class TaskDefinition(_message.Message):
     payload_schema: bytes
     output_schema: bytes
     max_duration: _duration_pb2.Duration
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[str] = ..., queue: _Optional[str] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., payload_schema: _Optional[bytes] = ..., output_schema: _Optional[bytes] = ..., max_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    handles_final_error: bool
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[str] = ..., queue: _Optional[str] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., payload_schema: _Optional[bytes] = ..., output_schema: _Optional[bytes] = ..., max_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., handles_final_error: _Optional[bool] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("worker_id", "sdk_name", "sdk_version", "protocol_version", "tasks", "slots", "active_lease_ids")
@@ -135,7 +137,7 @@ class Snapshot(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.Step, _Mapping]]] = ..., state: _Optional[bytes] = ...) -> None: ...
 
 class LeaseGrant(_message.Message):
-    __slots__ = ("lease_id", "run_id", "task_id", "attempt", "snapshot", "expires_at", "retry", "sent_at")
+    __slots__ = ("lease_id", "run_id", "task_id", "attempt", "snapshot", "expires_at", "retry", "sent_at", "final_error")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +146,7 @@ class LeaseGrant(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    FINAL_ERROR_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     run_id: str
     task_id: str
@@ -152,7 +155,8 @@ class LeaseGrant(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     retry: _common_pb2.RetryPolicy
     sent_at: _timestamp_pb2.Timestamp
-    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    final_error: _common_pb2.ErrorInfo
+    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., final_error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("lease_id", "run_id", "step_key", "kind", "event", "attempt", "output", "error", "started_at", "finished_at", "state", "retry_base", "retry_at", "wake_at", "token_id", "wake_after", "retry_after")
