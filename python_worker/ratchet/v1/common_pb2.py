@@ -26,23 +26,23 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ratchet/v1/common.proto\x12\nratchet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd5\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\x12,\n\tmin_delay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tmax_delay\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06jitter\x18\x05 \x01(\x08\x12\x1a\n\x12unlimited_attempts\x18\x06 \x01(\x08\x12\x18\n\x10max_lease_losses\x18\x07 \x01(\r\"y\n\tErrorInfo\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05stack\x18\x03 \x01(\t\x12\x15\n\rnon_retryable\x18\x04 \x01(\x08\x12\x10\n\x08step_key\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\rJ\x04\x08\x07\x10\x10\"\xf0\x02\n\x04Step\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.ratchet.v1.StepKind\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.ratchet.v1.StepStatus\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\r\x12\x0e\n\x06output\x18\x05 \x01(\x0c\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.ratchet.v1.ErrorInfo\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nretry_base\x18\t \x01(\r\x12+\n\x07wake_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08token_id\x18\x0b \x01(\t\x12\r\n\x05state\x18\x14 \x01(\x0cJ\x04\x08\x0c\x10\x14*\xea\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATUS_QUEUED\x10\x01\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x02\x12\x16\n\x12RUN_STATUS_WAITING\x10\x03\x12\x18\n\x14RUN_STATUS_COMPLETED\x10\x04\x12\x15\n\x11RUN_STATUS_FAILED\x10\x05\x12\x17\n\x13RUN_STATUS_CANCELED\x10\x06\x12\x16\n\x12RUN_STATUS_EXPIRED\x10\x07\x12\x18\n\x14RUN_STATUS_TIMED_OUT\x10\x08*\x8c\x01\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rSTEP_KIND_RUN\x10\x01\x12\x13\n\x0fSTEP_KIND_SLEEP\x10\x02\x12\x13\n\x0fSTEP_KIND_TOKEN\x10\x03\x12\x13\n\x0fSTEP_KIND_CHILD\x10\x04\x12\x13\n\x0fSTEP_KIND_VALUE\x10\x05*u\n\nStepStatus\x12\x1b\n\x17STEP_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_STATUS_RUNNING\x10\x01\x12\x19\n\x15STEP_STATUS_COMPLETED\x10\x02\x12\x16\n\x12STEP_STATUS_FAILED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ratchet/v1/common.proto\x12\nratchet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\x12,\n\tmin_delay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tmax_delay\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06jitter\x18\x05 \x01(\x08\x12\x1a\n\x12unlimited_attempts\x18\x06 \x01(\x08\x12\x18\n\x10max_lease_losses\x18\x07 \x01(\r\x12\x1a\n\x12rerun_failed_steps\x18\x08 \x01(\x08\"y\n\tErrorInfo\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05stack\x18\x03 \x01(\t\x12\x15\n\rnon_retryable\x18\x04 \x01(\x08\x12\x10\n\x08step_key\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\rJ\x04\x08\x07\x10\x10\"\xf0\x02\n\x04Step\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.ratchet.v1.StepKind\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.ratchet.v1.StepStatus\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\r\x12\x0e\n\x06output\x18\x05 \x01(\x0c\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.ratchet.v1.ErrorInfo\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nretry_base\x18\t \x01(\r\x12+\n\x07wake_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08token_id\x18\x0b \x01(\t\x12\r\n\x05state\x18\x14 \x01(\x0cJ\x04\x08\x0c\x10\x14*\xea\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATUS_QUEUED\x10\x01\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x02\x12\x16\n\x12RUN_STATUS_WAITING\x10\x03\x12\x18\n\x14RUN_STATUS_COMPLETED\x10\x04\x12\x15\n\x11RUN_STATUS_FAILED\x10\x05\x12\x17\n\x13RUN_STATUS_CANCELED\x10\x06\x12\x16\n\x12RUN_STATUS_EXPIRED\x10\x07\x12\x18\n\x14RUN_STATUS_TIMED_OUT\x10\x08*\x8c\x01\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rSTEP_KIND_RUN\x10\x01\x12\x13\n\x0fSTEP_KIND_SLEEP\x10\x02\x12\x13\n\x0fSTEP_KIND_TOKEN\x10\x03\x12\x13\n\x0fSTEP_KIND_CHILD\x10\x04\x12\x13\n\x0fSTEP_KIND_VALUE\x10\x05*u\n\nStepStatus\x12\x1b\n\x17STEP_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_STATUS_RUNNING\x10\x01\x12\x19\n\x15STEP_STATUS_COMPLETED\x10\x02\x12\x16\n\x12STEP_STATUS_FAILED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ratchet.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATUS']._serialized_start=815
-  _globals['_RUNSTATUS']._serialized_end=1049
-  _globals['_STEPKIND']._serialized_start=1052
-  _globals['_STEPKIND']._serialized_end=1192
-  _globals['_STEPSTATUS']._serialized_start=1194
-  _globals['_STEPSTATUS']._serialized_end=1311
+  _globals['_RUNSTATUS']._serialized_start=843
+  _globals['_RUNSTATUS']._serialized_end=1077
+  _globals['_STEPKIND']._serialized_start=1080
+  _globals['_STEPKIND']._serialized_end=1220
+  _globals['_STEPSTATUS']._serialized_start=1222
+  _globals['_STEPSTATUS']._serialized_end=1339
   _globals['_RETRYPOLICY']._serialized_start=105
-  _globals['_RETRYPOLICY']._serialized_end=318
-  _globals['_ERRORINFO']._serialized_start=320
-  _globals['_ERRORINFO']._serialized_end=441
-  _globals['_STEP']._serialized_start=444
-  _globals['_STEP']._serialized_end=812
+  _globals['_RETRYPOLICY']._serialized_end=346
+  _globals['_ERRORINFO']._serialized_start=348
+  _globals['_ERRORINFO']._serialized_end=469
+  _globals['_STEP']._serialized_start=472
+  _globals['_STEP']._serialized_end=840
 # @@protoc_insertion_point(module_scope)

@@ -58,7 +58,7 @@ STEP_STATUS_COMPLETED: StepStatus
 STEP_STATUS_FAILED: StepStatus
 
 class RetryPolicy(_message.Message):
-    __slots__ = ("max_attempts", "factor", "min_delay", "max_delay", "jitter", "unlimited_attempts", "max_lease_losses")
+    __slots__ = ("max_attempts", "factor", "min_delay", "max_delay", "jitter", "unlimited_attempts", "max_lease_losses", "rerun_failed_steps")
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     FACTOR_FIELD_NUMBER: _ClassVar[int]
     MIN_DELAY_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class RetryPolicy(_message.Message):
     JITTER_FIELD_NUMBER: _ClassVar[int]
     UNLIMITED_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     MAX_LEASE_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    RERUN_FAILED_STEPS_FIELD_NUMBER: _ClassVar[int]
     max_attempts: int
     factor: float
     min_delay: _duration_pb2.Duration
@@ -73,7 +74,8 @@ class RetryPolicy(_message.Message):
     jitter: bool
     unlimited_attempts: bool
     max_lease_losses: int
-    def __init__(self, max_attempts: _Optional[int] = ..., factor: _Optional[float] = ..., min_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., jitter: _Optional[bool] = ..., unlimited_attempts: _Optional[bool] = ..., max_lease_losses: _Optional[int] = ...) -> None: ...
+    rerun_failed_steps: bool
+    def __init__(self, max_attempts: _Optional[int] = ..., factor: _Optional[float] = ..., min_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., jitter: _Optional[bool] = ..., unlimited_attempts: _Optional[bool] = ..., max_lease_losses: _Optional[int] = ..., rerun_failed_steps: _Optional[bool] = ...) -> None: ...
 
 class ErrorInfo(_message.Message):
     __slots__ = ("type", "message", "stack", "non_retryable", "step_key", "attempt")

@@ -288,12 +288,14 @@ class GetRunHistoryResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ReplayRunRequest(_message.Message):
-    __slots__ = ("run_id", "from_scratch")
+    __slots__ = ("run_id", "from_scratch", "rerun_compensated")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_SCRATCH_FIELD_NUMBER: _ClassVar[int]
+    RERUN_COMPENSATED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     from_scratch: bool
-    def __init__(self, run_id: _Optional[str] = ..., from_scratch: _Optional[bool] = ...) -> None: ...
+    rerun_compensated: bool
+    def __init__(self, run_id: _Optional[str] = ..., from_scratch: _Optional[bool] = ..., rerun_compensated: _Optional[bool] = ...) -> None: ...
 
 class ReplayRunResponse(_message.Message):
     __slots__ = ("run",)

@@ -158,10 +158,13 @@ class RunServiceServicer:
     def ReplayRun(self, request, context):
         """ReplayRun gives a final run that did not complete (FAILED, CANCELED,
         EXPIRED, TIMED_OUT) a new attempt from its last checkpoint: completed
-        steps are kept and do not run again, and the run gets its task's retry
-        budget anew. With from_scratch, a new run with the same task and payload
-        is created instead, linked to this one. FAILED_PRECONDITION for a run
-        that is not final or COMPLETED (unless from_scratch).
+        steps are kept and do not run again, steps of kind RUN that FAILED get a
+        fresh budget of attempts (sleeps, tokens and children keep their
+        outcome), and the run gets its task's retry budget anew. With
+        from_scratch, a new run with the same task and payload is created
+        instead, linked to this one. FAILED_PRECONDITION for a run that is not
+        final or COMPLETED (unless from_scratch), and for a run whose
+        compensations have run unless rerun_compensated is set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
