@@ -443,8 +443,9 @@ def render_run(run: Run) -> str:
     total = None
     if run.started_at and run.finished_at:
         total = (run.finished_at - run.started_at).total_seconds()
+    lost = f"lost leases {run.lease_losses}  " if run.lease_losses else ""
     lines = [f"{run.id}  {run.task_id}  {run.status.value}  attempt {run.attempt}  "
-             f"{_ms(total)}"]
+             f"{lost}{_ms(total)}"]
     failed_key = run.error.step_key if run.error is not None else ""
     for i, step in enumerate(run.steps):
         branch = "└─" if i == len(run.steps) - 1 else "├─"

@@ -72,7 +72,8 @@ def retry_to_pb(retry: Retry) -> common_pb2.RetryPolicy:
         max_attempts=retry.max_attempts or 0, unlimited_attempts=retry.max_attempts is None,
         factor=retry.factor,
         min_delay=duration(retry.min_delay), max_delay=duration(retry.max_delay),
-        jitter=retry.jitter)
+        jitter=retry.jitter, max_lease_losses=retry.max_lease_losses,
+        rerun_failed_steps=retry.rerun_failed_steps)
 
 
 def error_from_pb(pb: common_pb2.ErrorInfo) -> RunError:
@@ -123,7 +124,7 @@ def run_from_pb(pb: run_pb2.Run, steps: Any = (), created: bool = True) -> Run:
         started_at=_dt(pb.started_at, pb.HasField("started_at")),
         finished_at=_dt(pb.finished_at, pb.HasField("finished_at")),
         steps=tuple(step_from_pb(s) for s in steps), created=created,
-        parent_run_id=pb.parent_run_id, replay_of=pb.replay_of)
+        parent_run_id=pb.parent_run_id, replay_of=pb.replay_of, lease_losses=pb.lease_losses)
 
 
 def event_from_pb(pb: run_pb2.RunEvent) -> RunEvent:

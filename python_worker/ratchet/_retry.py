@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-__all__ = ["Retry"]
+__all__ = ["NO_RETRY", "Retry"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -23,6 +23,19 @@ class Retry:
     ``min(max_delay, min_delay * factor ** (n - 1))`` seconds, multiplied by a
     random factor in [0.5, 1.5) when `jitter` is true (and still capped by
     `max_delay`).
+
+    `max_lease_losses` applies to task policies: how many times the run's
+    worker may die or go silent (a lost lease) before the run fails with
+    `ratchet.LeaseLossLimit`. A lost lease does not use up an attempt; this
+    bound stops a run that crashes its worker every time.
+
+    `rerun_failed_steps` also applies to task policies: what a later run
+    attempt does with a step that FAILED (its own attempts used up, or a
+    non-retryable error). False (the default): the step stays failed, its
+    recorded error is raised again as `StepFailedError` without calling its
+    function, so a failure the task handled (a refund after a failed deposit)
+    stays handled. True: the step gets a fresh budget of attempts on each
+    run attempt. `Client.replay()` re-runs failed steps either way.
     """
 
     max_attempts: int | None = 3
@@ -30,6 +43,8 @@ class Retry:
     min_delay: float = 1.0
     max_delay: float = 60.0
     jitter: bool = False
+    max_lease_losses: int = 10
+    rerun_failed_steps: bool = False
     # Exception types worth retrying (empty = all but NonRetryableError), and
     # types never retried. Checked in the worker; not sent to the coordinator.
     retry_on: tuple[type[BaseException], ...] = dataclasses.field(default=(), compare=False)
@@ -44,6 +59,8 @@ class Retry:
             raise ValueError("delays must not be negative")
         if self.max_delay < self.min_delay:
             raise ValueError("max_delay must not be below min_delay")
+        if self.max_lease_losses < 1:
+            raise ValueError("max_lease_losses must be at least 1")
 
     def delay_after(self, attempt: int, *, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt `attempt` (1-based) before the next one."""
@@ -69,3 +86,4 @@ class Retry:
 
 
 NO_RETRY = Retry(max_attempts=1, min_delay=0.0, max_delay=0.0)
+"""One attempt: `ctx.step(..., retry=ratchet.NO_RETRY)`, or a task that is never retried."""

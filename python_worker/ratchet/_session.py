@@ -323,7 +323,10 @@ def _definition(task: Task[Any, Any]) -> worker_pb2.TaskDefinition:
     return worker_pb2.TaskDefinition(
         id=task.id, version=task.version, queue=task.queue, retry=retry_to_pb(task.retry),
         payload_schema=task.payload_schema(), output_schema=task.output_schema(),
-        max_duration=None if task.max_duration is None else duration(task.max_duration))
+        max_duration=None if task.max_duration is None else duration(task.max_duration),
+        # Python workers run a finishing lease (LeaseGrant.final_error) in
+        # finishing mode: compensations and on_failure only (protocol §4).
+        handles_final_error=True)
 
 
 async def _watch_loop(lease_ttl: float) -> None:

@@ -144,6 +144,9 @@ class Run:
     created: bool = True
     parent_run_id: str = ""
     replay_of: str = ""
+    # Times the run's worker died or went silent (lost leases); these do not
+    # count as attempts (Retry.max_lease_losses bounds them).
+    lease_losses: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (times as ISO 8601), as `ratchet runs show --json` prints."""
@@ -159,6 +162,7 @@ class Run:
             "task": self.task_id,
             "status": self.status.value,
             "attempt": self.attempt,
+            "lease_losses": self.lease_losses,
             "payload": self.payload,
             "output": self.output,
             "error": err(self.error),

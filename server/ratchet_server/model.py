@@ -134,6 +134,8 @@ class TaskDef:
     payload_schema: str | None
     output_schema: str | None
     max_duration: float | None
+    # Its workers run finishing leases (TaskDefinition.handles_final_error).
+    handles_final_error: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -191,6 +193,11 @@ class Run:
     finished_at: float | None
     replay_of: str | None = None
     discarded_at: float | None = None
+    # Leases lost so far (not attempts; Retry.max_lease_losses bounds them).
+    lease_losses: int = 0
+    # Set when the run has failed for good without its worker's report: its
+    # lease is (or its next lease will be) a finishing lease.
+    final_error: ErrorInfo | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -226,6 +233,12 @@ class LeaseRef:
     attempt: int
     retry: Retry
     lease_owner: str | None
+    # What the lease-loss rule needs (policy.lease_loss_transition): losses so
+    # far, the final error of a finishing lease, and whether the run's task
+    # handles final errors.
+    lease_losses: int = 0
+    final_error: ErrorInfo | None = None
+    handles_final_error: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -317,6 +330,17 @@ class RunTransition:
     # For WAITING: the engine's rule, checked under the run's row lock right
     # after the suspension, so a wait that ended first is never missed.
     wake_rule: WakeRule | None = None
+    # A lost lease: the run's lease_losses grows by one.
+    count_lease_loss: bool = False
+    # A late report replaces a lease-loss guess (Engine.complete_failure): the
+    # loss's count and its refund of the attempt are taken back.
+    undo_lease_loss: bool = False
+    # Set the run's final error (its next lease is a finishing lease), or clear it.
+    final_error: ErrorInfo | None = None
+    clear_final_error: bool = False
+    # Fence on the lease's kind: True applies only under a finishing lease
+    # (final_error set), False only under an ordinary one, None under either.
+    finishing: bool | None = None
 
 
 FencedWrite = StepWrite | RunTransition

@@ -22,7 +22,7 @@ EXPECTED_COLUMNS = {
         "concurrency_key", "tags", "metadata", "parent_run_id", "ttl", "max_duration", "state",
         "lease_id", "lease_owner", "lease_expires_at", "created_at", "started_at",
         "finished_at", "updated_at", "waiting_on", "expire_at", "deadline_at", "parent_step_key",
-        "child_index", "replay_of", "discarded_at",
+        "child_index", "replay_of", "discarded_at", "lease_losses", "final_error",
     },
     "steps": {
         "run_id", "key", "kind", "status", "attempts", "retry_base", "output", "error",
@@ -31,7 +31,7 @@ EXPECTED_COLUMNS = {
     "run_events": {"id", "run_id", "at", "type", "attempt", "lease_id", "step_key", "data"},
     "tasks": {
         "env", "id", "version", "queue", "retry", "payload_schema", "output_schema",
-        "max_duration", "updated_at",
+        "max_duration", "updated_at", "handles_final_error",
     },
     "api_keys": {"id", "env", "role", "name", "key_hash", "created_at", "revoked_at"},
     "ratchet_migrations": {"version", "name", "applied_at"},

@@ -392,25 +392,27 @@ async def test_close_session_releases_leases_after_the_grace(engine: Engine) -> 
     engine.close_session(session)  # twice is harmless
     await status_is(engine, run.id, model.RunStatus.QUEUED)
     queued = await get(engine, run.id)
-    assert queued.attempt == 1 and queued.lease_owner is None
+    # A lost lease is counted apart: the attempt is given back.
+    assert queued.attempt == 0 and queued.lease_owner is None and queued.lease_losses == 1
     assert queued.error is not None and queued.error.type == "LeaseLost"
     events = await engine.store.get_events(run.id)
-    assert [e["type"] for e in events][-2:] == ["lease_lost", "retry_scheduled"]
-    assert events[-2]["lease_id"] == leased.lease_id
+    assert events[-1]["type"] == "lease_lost"
+    assert events[-1]["lease_id"] == leased.lease_id
+    assert json.loads(events[-1]["data"])["lease_losses"] == 1
 
-    # The next lease counts the lost attempt.
+    # The next lease makes the same attempt again.
     other = await open_session(engine)
-    assert (await next_push(other)).run.attempt == 2
+    assert (await next_push(other)).run.attempt == 1
 
 
-async def test_close_session_fails_a_run_with_no_attempts_left(engine: Engine) -> None:
+async def test_a_lost_lease_does_not_fail_a_run_with_no_attempts_left(engine: Engine) -> None:
     session = await open_session(engine, task_def(retry=Retry(max_attempts=1)))
     run = await trigger_one(engine)
     await next_push(session)
     engine.close_session(session)
-    await status_is(engine, run.id, model.RunStatus.FAILED)
-    failed = await get(engine, run.id)
-    assert failed.error is not None and failed.error.type == "LeaseLost"
+    await status_is(engine, run.id, model.RunStatus.QUEUED)
+    queued = await get(engine, run.id)
+    assert queued.attempt == 0 and queued.lease_losses == 1
 
 
 async def test_a_reconnect_within_the_grace_adopts_the_lease(
@@ -447,7 +449,7 @@ async def test_an_expired_lease_is_reaped_and_leased_again(store: Store) -> None
         run = await trigger_one(engine)
         first = (await next_push(session)).run
         second = (await next_push(session)).run  # no heartbeat: the reaper took it back
-        assert second.id == run.id and second.attempt == 2
+        assert second.id == run.id and second.attempt == 1 and second.lease_losses == 1
         assert second.lease_id != first.lease_id
         types = [e["type"] for e in await engine.store.get_events(run.id)]
         assert "lease_lost" in types
@@ -485,7 +487,7 @@ async def test_heartbeat_without_the_lease_lets_it_expire(store: Store) -> None:
             await engine.heartbeat(session, [])
             await asyncio.sleep(0.05)
         again = (await next_push(session)).run
-        assert again.id == run.id and again.lease_id != first.lease_id and again.attempt == 2
+        assert again.id == run.id and again.lease_id != first.lease_id and again.attempt == 1
     finally:
         await stop(engine)
 

@@ -80,6 +80,8 @@ def retry_from_pb(pb: common_pb2.RetryPolicy, default: Retry) -> Retry:
             min_delay=seconds(pb.min_delay) if pb.HasField("min_delay") else default.min_delay,
             max_delay=seconds(pb.max_delay) if pb.HasField("max_delay") else default.max_delay,
             jitter=pb.jitter,
+            max_lease_losses=pb.max_lease_losses or default.max_lease_losses,
+            rerun_failed_steps=pb.rerun_failed_steps,
         )
     except ValueError as exc:
         raise errors.InvalidArgument(f"invalid retry policy: {exc}") from None
@@ -89,7 +91,8 @@ def retry_to_pb(retry: Retry) -> common_pb2.RetryPolicy:
     return common_pb2.RetryPolicy(
         max_attempts=retry.max_attempts or 0, unlimited_attempts=retry.max_attempts is None,
         factor=retry.factor, min_delay=dur(retry.min_delay), max_delay=dur(retry.max_delay),
-        jitter=retry.jitter)
+        jitter=retry.jitter, max_lease_losses=retry.max_lease_losses,
+        rerun_failed_steps=retry.rerun_failed_steps)
 
 
 def error_from_pb(pb: common_pb2.ErrorInfo) -> model.ErrorInfo:
@@ -137,7 +140,7 @@ def run_to_pb(run: model.Run) -> run_pb2.Run:
         started_at=ts(run.started_at), finished_at=ts(run.finished_at),
         run_at=ts(run.run_at) if run.status is model.RunStatus.QUEUED else None,
         state=_utf8(run.state), retry=retry_to_pb(run.retry), replay_of=run.replay_of or "",
-        discarded_at=ts(run.discarded_at))
+        discarded_at=ts(run.discarded_at), lease_losses=run.lease_losses)
 
 
 def event_to_pb(event: dict[str, Any], *, show_lease: bool) -> run_pb2.RunEvent:
@@ -184,7 +187,8 @@ def task_from_pb(env: str, pb: worker_pb2.TaskDefinition) -> model.TaskDef:
         retry=retry_from_pb(pb.retry, DEFAULT_TASK_RETRY),
         payload_schema=schema(pb.payload_schema, "payload_schema"),
         output_schema=schema(pb.output_schema, "output_schema"),
-        max_duration=seconds(pb.max_duration) if pb.HasField("max_duration") else None)
+        max_duration=seconds(pb.max_duration) if pb.HasField("max_duration") else None,
+        handles_final_error=pb.handles_final_error)
 
 
 def lease_to_pb(leased: model.LeasedRun, lease_ttl: float) -> worker_pb2.LeaseGrant:
@@ -197,7 +201,9 @@ def lease_to_pb(leased: model.LeasedRun, lease_ttl: float) -> worker_pb2.LeaseGr
         expires_at=ts(run.lease_expires_at), retry=retry_to_pb(run.retry),
         # The worker measures the snapshot's wake_at times from this, not
         # from its own clock (protocol §4).
-        sent_at=ts(time.time()))
+        sent_at=ts(time.time()),
+        # A finishing lease (protocol §4): compensations and on_failure only.
+        final_error=error_to_pb(run.final_error))
 
 
 def summary(run: model.Run) -> model.Run:

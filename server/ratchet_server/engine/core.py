@@ -224,24 +224,22 @@ class EngineBase:
     async def _lose_leases(
         self, refs: Sequence[model.LeaseRef], why: str, *, expired_before: float | None
     ) -> None:
-        """Leases whose holder is gone: the attempt counts as failed (DESIGN §3).
+        """Leases whose holder is gone: requeued with the attempt given back
+        and the loss counted, up to the policy's bound (policy.lease_loss_transition).
 
         Each write is fenced by the owner read with the lease (and, for expiry,
         by the expiry), so a lease renewed or adopted meanwhile is left alone.
         """
 
         async def lose(ref: model.LeaseRef) -> None:
-            error = model.ErrorInfo(type=policy.LEASE_LOST, message=why, attempt=ref.attempt)
-            transition = policy.failure_transition(ref, error, state=None, immediate=True,
-                                                    now=time.time())
-            lost = model.Event(run_id=ref.run_id, type=model.EventType.LEASE_LOST,
-                               at=time.time(), attempt=ref.attempt, lease_id=ref.lease_id,
-                               data=json.dumps({"reason": why}))
+            transition = policy.lease_loss_transition(ref, why, now=time.time())
             applied = await self._write(dataclasses.replace(
-                transition, events=(lost, *transition.events), expect_owner=ref.lease_owner,
-                expired_before=expired_before))
+                transition, expect_owner=ref.lease_owner, expired_before=expired_before))
             if applied:
-                log.warning("run %s: lease %s lost (%s)", ref.run_id, ref.lease_id, why)
+                log.warning("run %s: lease %s lost (%s); %d lost so far%s", ref.run_id,
+                            ref.lease_id, why, ref.lease_losses + 1,
+                            "" if transition.status is model.RunStatus.QUEUED
+                            else ": the run FAILED")
                 self._forget_lease(ref.lease_id)
 
         await asyncio.gather(*(lose(ref) for ref in refs))

@@ -129,7 +129,7 @@ class LeasesMixin(core.EngineBase):
         write = model.RunTransition(
             run_id=run_id, lease_id=lease_id, status=model.RunStatus.COMPLETED, output=out,
             # A COMPLETED run carries no error, whatever earlier attempts hit.
-            clear_error=True,
+            clear_error=True, finishing=False,
             state=self._state(state), env=session.env, expect_owner=session.id,
             events=(model.Event(run_id=run_id, type=model.EventType.FINISHED, at=now,
                                 lease_id=lease_id, data=json.dumps({"status": "COMPLETED"})),))
@@ -146,7 +146,7 @@ class LeasesMixin(core.EngineBase):
             run_id=run_id, lease_id=lease_id, status=model.RunStatus.WAITING,
             state=self._state(state), waiting_on=tuple(step_keys),
             # Waiting is not failing: the resume continues the same attempt.
-            refund_attempt=True, env=session.env, expect_owner=session.id,
+            refund_attempt=True, env=session.env, expect_owner=session.id, finishing=False,
             wake_rule=policy.counts_as_woken,
             events=(model.Event(run_id=run_id, type=model.EventType.SUSPENDED, at=time.time(),
                                 lease_id=lease_id,
@@ -190,6 +190,7 @@ class LeasesMixin(core.EngineBase):
         retry_at = _due(retry_after, retry_at)
         ref = await self.store.get_lease(run_id, lease_id)
         expect = model.RunStatus.RUNNING
+        late = False
         if ref is None:
             run = await self.store.get_run(session.env, run_id)
             if run is None or not policy.lost_before_its_report(run, lease_id):
@@ -198,14 +199,27 @@ class LeasesMixin(core.EngineBase):
                 return
             # The reaper requeued the run a moment before the worker's own
             # failure arrived: the worker's error (and its non_retryable flag)
-            # decides, not the guess "lease lost".
-            ref = model.LeaseRef(run_id=run.id, lease_id=lease_id, attempt=run.attempt,
-                                 retry=run.retry, lease_owner=None)
+            # decides, not the guess "lease lost". The guess is taken back
+            # whole: the loss is not counted, the attempt it gave back is
+            # charged again, and a final error it set is cleared (unless the
+            # lost lease was itself a finishing lease).
+            ref = model.LeaseRef(
+                run_id=run.id, lease_id=lease_id, attempt=run.attempt + 1, retry=run.retry,
+                lease_owner=None, lease_losses=run.lease_losses - 1,
+                final_error=run.final_error if policy.lost_lease_was_finishing(run) else None)
             expect = model.RunStatus.QUEUED
+            late = True
+        now = time.time()
+        if ref.final_error is not None:
+            write = policy.finishing_outcome(run_id, lease_id, ref.attempt, ref.final_error,
+                                             "Failed", state=self._state(state), now=now)
+        else:
+            write = dataclasses.replace(
+                policy.failure_transition(ref, error, state=self._state(state),
+                                          immediate=False, now=now, retry_at=retry_at),
+                finishing=None if late else False, clear_final_error=late)
         write = dataclasses.replace(
-            policy.failure_transition(ref, error, state=self._state(state), immediate=False,
-                                      now=time.time(), retry_at=retry_at),
-            env=session.env, expect_status=expect,
+            write, env=session.env, expect_status=expect, undo_lease_loss=late,
             expect_owner=session.id if expect is model.RunStatus.RUNNING else None)
         await self._finish(session, write, write.status)
 
@@ -225,10 +239,28 @@ class LeasesMixin(core.EngineBase):
         self, session: Session, write: model.RunTransition, status: model.RunStatus
     ) -> None:
         applied = await self._write(write)
+        if not applied and write.finishing is False:
+            applied = await self._finish_finishing(session, write, status)
         self._forget_lease(write.lease_id)
         self._wake.set()
         if not applied:
             await self._check_already_finished(session, write.run_id, write.lease_id, status)
+
+    async def _finish_finishing(
+        self, session: Session, write: model.RunTransition, status: model.RunStatus
+    ) -> bool:
+        """An outcome fenced as an ordinary lease's found the lease still held
+        but finishing (LeaseGrant.final_error): the run ends FAILED with its
+        final error, whatever was reported. Rare, so it costs a read only here."""
+        ref = await self.store.get_lease(write.run_id, write.lease_id)
+        if ref is None or ref.final_error is None or ref.lease_owner != session.id:
+            return False
+        reported = {model.RunStatus.COMPLETED: "Succeeded",
+                    model.RunStatus.WAITING: "Suspended"}.get(status, "Failed")
+        return await self._write(dataclasses.replace(
+            policy.finishing_outcome(write.run_id, write.lease_id, ref.attempt, ref.final_error,
+                                     reported, state=write.state, now=time.time()),
+            env=session.env, expect_owner=session.id))
 
     async def _check_already_finished(
         self, session: Session, run_id: str, lease_id: str, status: model.RunStatus
@@ -241,6 +273,8 @@ class LeasesMixin(core.EngineBase):
             run.status is status
             or (status in (model.RunStatus.FAILED, model.RunStatus.WAITING)
                 and run.status is model.RunStatus.QUEUED)
+            # a finishing lease ends FAILED whatever its worker reported
+            or (run.status is model.RunStatus.FAILED and run.final_error is not None)
         ):
             return
         raise errors.StaleLease(f"lease {lease_id!r} of run {run_id!r} is no longer current")

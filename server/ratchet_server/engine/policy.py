@@ -22,6 +22,107 @@ MAX_DURATION_EXCEEDED = model.ErrorInfo(
 
 # The error type of an attempt whose lease was lost (worker gone or silent).
 LEASE_LOST = "LeaseLost"
+# The final error of a run whose leases were lost more often than its policy's
+# max_lease_losses allows.
+LEASE_LOSS_LIMIT = "ratchet.LeaseLossLimit"
+# A lost finishing lease is granted again this many times; then the run fails
+# without it, and its final error's message says so.
+FINISHING_RETRIES = 3
+FINISHING_LOST = "; its on_failure hook and compensations could not run"
+
+
+def lease_loss_transition(ref: model.LeaseRef, why: str, now: float) -> model.RunTransition:
+    """A lease whose holder is gone (its session closed, or it expired
+    without heartbeats). A lost lease is not a failure of the run's code: the
+    run is queued again at once with its attempt given back, and the loss is
+    counted (runs.lease_losses). Past the policy's max_lease_losses the
+    run's failure is final (LEASE_LOSS_LIMIT): when its task handles final
+    errors it is queued for a finishing lease (its compensations and
+    on_failure hook still run), otherwise it is FAILED at once. A finishing
+    lease that is lost too is granted again FINISHING_RETRIES times, then the
+    run is FAILED without it.
+
+    The caller adds the fences that say the holder is still gone (owner,
+    expiry); `finishing` fences on the lease kind this decision assumed."""
+    losses = ref.lease_losses + 1
+    limit = ref.retry.max_lease_losses
+    lost = model.ErrorInfo(type=LEASE_LOST, message=why, attempt=ref.attempt)
+    finishing = ref.final_error is not None
+    if finishing:
+        assert ref.final_error is not None
+        if losses - limit - 1 <= FINISHING_RETRIES:
+            return _requeue_lost(ref, lost, losses, now, finishing=True)
+        final = dataclasses.replace(ref.final_error,
+                                    message=ref.final_error.message + FINISHING_LOST)
+        return _fail_lost(ref, lost, final, losses, now)
+    if losses <= limit:
+        return _requeue_lost(ref, lost, losses, now, finishing=False)
+    final = model.ErrorInfo(
+        type=LEASE_LOSS_LIMIT, non_retryable=True, attempt=ref.attempt,
+        message=(f"the run's lease was lost {losses} times (limit {limit}): its worker died "
+                 f"or went silent each time; last: {why}"))
+    if ref.handles_final_error:
+        return _requeue_lost(ref, lost, losses, now, finishing=False, final_error=final)
+    return _fail_lost(ref, lost, final, losses, now)
+
+
+def _lost_event(ref: model.LeaseRef, lost: model.ErrorInfo, losses: int, now: float,
+                **extra: object) -> model.Event:
+    return model.Event(run_id=ref.run_id, type=model.EventType.LEASE_LOST, at=now,
+                       attempt=ref.attempt, lease_id=ref.lease_id,
+                       data=json.dumps({"reason": lost.message, "lease_losses": losses,
+                                        **extra}))
+
+
+def _requeue_lost(ref: model.LeaseRef, lost: model.ErrorInfo, losses: int, now: float, *,
+                  finishing: bool, final_error: model.ErrorInfo | None = None,
+                  ) -> model.RunTransition:
+    """Queued again at once, the attempt given back. The run's error says
+    LEASE_LOST until a later lease reports (see lost_before_its_report)."""
+    extra: dict[str, object] = {}
+    if final_error is not None:  # the next lease is a finishing lease
+        extra = {"final_error": final_error.type, "message": final_error.message}
+    elif finishing:  # the lost lease was one
+        extra = {"finishing": True}
+    return model.RunTransition(
+        run_id=ref.run_id, lease_id=ref.lease_id, status=model.RunStatus.QUEUED, error=lost,
+        run_at=now, refund_attempt=True, count_lease_loss=True, final_error=final_error,
+        finishing=finishing, events=(_lost_event(ref, lost, losses, now, **extra),))
+
+
+def _fail_lost(ref: model.LeaseRef, lost: model.ErrorInfo, final: model.ErrorInfo,
+               losses: int, now: float) -> model.RunTransition:
+    return model.RunTransition(
+        run_id=ref.run_id, lease_id=ref.lease_id, status=model.RunStatus.FAILED, error=final,
+        count_lease_loss=True, finishing=ref.final_error is not None,
+        events=(_lost_event(ref, lost, losses, now),
+                model.Event(run_id=ref.run_id, type=model.EventType.FINISHED, at=now,
+                            attempt=ref.attempt, lease_id=ref.lease_id,
+                            data=json.dumps({"status": "FAILED", "error": final.type,
+                                             "message": final.message}))))
+
+
+def finishing_outcome(run_id: str, lease_id: str, attempt: int, final: model.ErrorInfo,
+                      reported: str, *, state: str | None, now: float) -> model.RunTransition:
+    """The end of a finishing lease: whatever its worker reported
+    (`reported`: Succeeded, Suspended or Failed), the run is FAILED with its
+    final error."""
+    return model.RunTransition(
+        run_id=run_id, lease_id=lease_id, status=model.RunStatus.FAILED, error=final,
+        state=state, finishing=True,
+        events=(model.Event(run_id=run_id, type=model.EventType.FINISHED, at=now,
+                            attempt=attempt, lease_id=lease_id,
+                            data=json.dumps({"status": "FAILED", "error": final.type,
+                                             "message": final.message, "finishing": True,
+                                             "reported": reported})),))
+
+
+def lost_lease_was_finishing(run: model.Run) -> bool:
+    """Whether the lease this QUEUED run lost last was a finishing lease (the
+    run already had its final error before that loss), as opposed to the
+    ordinary lease whose loss crossed the bound and set it."""
+    return (run.final_error is not None
+            and run.lease_losses > run.retry.max_lease_losses + 1)
 
 
 def failure_transition(
@@ -61,6 +162,26 @@ def lost_before_its_report(run: model.Run, lease_id: str) -> bool:
     truth about the attempt and replaces the lease-loss guess."""
     return (run.status is model.RunStatus.QUEUED and run.lease_id == lease_id
             and run.error is not None and run.error.type == LEASE_LOST)
+
+
+# The key prefix of a compensation step (the SDK's ctx.step(compensate=...)
+# runs each undo as the step `ratchet:undo:<step key>`).
+UNDO_PREFIX = "ratchet:undo:"
+
+
+def compensated(steps: Sequence[model.Step]) -> bool:
+    """Whether the run's compensations have run (or begun): such a run is not
+    replayed from its last checkpoint unless the request insists, as that
+    could redo forward steps whose effects were undone."""
+    return any(s.key.startswith(UNDO_PREFIX) for s in steps)
+
+
+def rerun_on_replay(steps: Sequence[model.Step]) -> list[str]:
+    """The keys of the steps a replay gives a fresh budget: the FAILED steps
+    that run code (a later run attempt otherwise raises their recorded error
+    again). Sleeps, tokens, children and values keep their outcome."""
+    return sorted(s.key for s in steps
+                  if s.kind is model.StepKind.RUN and s.status is model.StepStatus.FAILED)
 
 
 def counts_as_woken(waiting_on: Sequence[str], steps: Mapping[str, model.Step],

@@ -113,7 +113,8 @@ class RunsMixin(core.EngineBase):
         task = await self._task(env, run.task_id)
         policy = task.retry if task is not None else run.retry
         budget = dataclasses.replace(policy, max_attempts=None if policy.max_attempts is None
-                                     else run.attempt + policy.max_attempts)
+                                     else run.attempt + policy.max_attempts,
+                                     max_lease_losses=run.lease_losses + policy.max_lease_losses)
         replayed = await self.store.replay_run(env, run_id, budget)
         if replayed is None:
             raise errors.FailedPrecondition(f"run {run_id!r} changed meanwhile; try again")

@@ -13,7 +13,8 @@ from typing import Any
 from ratchet_server import model
 from ratchet_server.store import _dialect
 
-RETRY_FIELDS = ("max_attempts", "factor", "min_delay", "max_delay", "jitter")
+RETRY_FIELDS = ("max_attempts", "factor", "min_delay", "max_delay", "jitter", "max_lease_losses",
+                "rerun_failed_steps")
 
 
 def retry_to_json(retry: model.Retry) -> str:
@@ -64,6 +65,8 @@ def run_from_row(row: _dialect.Row) -> model.Run:
         finished_at=row["finished_at"],
         replay_of=row["replay_of"],
         discarded_at=row["discarded_at"],
+        lease_losses=row["lease_losses"],
+        final_error=error_from_json(row["final_error"]),
     )
 
 
@@ -95,6 +98,7 @@ def task_from_row(row: _dialect.Row) -> model.TaskDef:
         payload_schema=row["payload_schema"],
         output_schema=row["output_schema"],
         max_duration=row["max_duration"],
+        handles_final_error=bool(row["handles_final_error"]),
     )
 
 
@@ -108,6 +112,9 @@ def lease_ref_from_row(row: _dialect.Row) -> model.LeaseRef:
         attempt=row["attempt"],
         retry=retry_from_json(row["retry"]),
         lease_owner=row["lease_owner"],
+        lease_losses=row["lease_losses"],
+        final_error=error_from_json(row["final_error"]),
+        handles_final_error=bool(row["handles_final_error"]),
     )
 
 
@@ -194,7 +201,12 @@ def transition_params(w: model.RunTransition, now: float) -> dict[str, Any]:
         "error": error_to_json(w.error),
         "state": w.state,
         "run_at": w.run_at,
-        "refund": 1 if w.refund_attempt else 0,
+        # A late report taking back a lease loss charges its attempt again.
+        "refund": (1 if w.refund_attempt else 0) - (1 if w.undo_lease_loss else 0),
+        "losses": (1 if w.count_lease_loss else 0) - (1 if w.undo_lease_loss else 0),
+        "final_error": error_to_json(w.final_error),
+        "clear_final_error": 1 if w.clear_final_error else 0,
+        "finishing": None if w.finishing is None else int(w.finishing),
         "clear_error": 1 if w.clear_error else 0,
         "finished_at": now if w.status.is_final else None,
         "now": now,

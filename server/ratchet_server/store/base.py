@@ -127,7 +127,7 @@ class SqlStore(abc.ABC):
                     "env": t.env, "id": t.id, "version": t.version, "queue": t.queue,
                     "retry": _rows.retry_to_json(t.retry), "payload_schema": t.payload_schema,
                     "output_schema": t.output_schema, "max_duration": t.max_duration,
-                    "now": now,
+                    "handles_final_error": int(t.handles_final_error), "now": now,
                 })
 
         await self._run(txn)

@@ -37,12 +37,14 @@ UPDATE api_keys SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL RETU
 
 -- name: upsert_task
 INSERT INTO tasks (env, id, version, queue, retry, payload_schema, output_schema, max_duration,
-                   updated_at)
-VALUES (:env, :id, :version, :queue, :retry, :payload_schema, :output_schema, :max_duration, :now)
+                   handles_final_error, updated_at)
+VALUES (:env, :id, :version, :queue, :retry, :payload_schema, :output_schema, :max_duration,
+        :handles_final_error, :now)
 ON CONFLICT (env, id) DO UPDATE SET
     version = excluded.version, queue = excluded.queue, retry = excluded.retry,
     payload_schema = excluded.payload_schema, output_schema = excluded.output_schema,
-    max_duration = excluded.max_duration, updated_at = excluded.updated_at
+    max_duration = excluded.max_duration, handles_final_error = excluded.handles_final_error,
+    updated_at = excluded.updated_at
 
 -- name: select_task
 SELECT * FROM tasks WHERE env = :env AND id = :id
@@ -142,17 +144,28 @@ WHERE lease_id IN {lease_ids} AND status = 'RUNNING' AND env = :env
 RETURNING id, lease_id, attempt
 
 -- name: select_expired_leases
-SELECT id, lease_id, attempt, retry, lease_owner FROM runs
+-- The lease columns (_rows.lease_ref_from_row), with whether the run's task
+-- handles final errors (the lease-loss rule needs it).
+SELECT id, lease_id, attempt, retry, lease_owner, lease_losses, final_error,
+       COALESCE((SELECT t.handles_final_error FROM tasks AS t
+                 WHERE t.env = runs.env AND t.id = runs.task_id), 0) AS handles_final_error
+FROM runs
 WHERE status = 'RUNNING' AND lease_expires_at < :now
 ORDER BY lease_expires_at
 LIMIT :limit
 
 -- name: select_owned_leases
-SELECT id, lease_id, attempt, retry, lease_owner FROM runs
+SELECT id, lease_id, attempt, retry, lease_owner, lease_losses, final_error,
+       COALESCE((SELECT t.handles_final_error FROM tasks AS t
+                 WHERE t.env = runs.env AND t.id = runs.task_id), 0) AS handles_final_error
+FROM runs
 WHERE status = 'RUNNING' AND lease_owner = :owner
 
 -- name: select_lease
-SELECT id, lease_id, attempt, retry, lease_owner FROM runs
+SELECT id, lease_id, attempt, retry, lease_owner, lease_losses, final_error,
+       COALESCE((SELECT t.handles_final_error FROM tasks AS t
+                 WHERE t.env = runs.env AND t.id = runs.task_id), 0) AS handles_final_error
+FROM runs
 WHERE id = :run_id AND lease_id = :lease_id AND status = 'RUNNING'
 
 -- name: fence_run_state
@@ -188,6 +201,9 @@ UPDATE runs SET
     state = COALESCE(:state, state),
     run_at = COALESCE(:run_at, run_at),
     attempt = attempt - :refund,
+    lease_losses = lease_losses + :losses,
+    final_error = CASE WHEN :clear_final_error = 1 THEN NULL
+                       ELSE COALESCE(:final_error, final_error) END,
     lease_owner = NULL,
     lease_expires_at = NULL,
     waiting_on = :waiting_on,
@@ -197,6 +213,9 @@ WHERE id = :run_id AND lease_id = :lease_id AND status = :expect_status
   AND (CAST(:env AS TEXT) IS NULL OR env = :env)
   AND (CAST(:owner AS TEXT) IS NULL OR lease_owner = :owner)
   AND (CAST(:expired_before AS DOUBLE PRECISION) IS NULL OR lease_expires_at < :expired_before)
+  -- an ordinary lease's outcome does not apply under a finishing lease, nor the reverse
+  AND (CAST(:finishing AS INTEGER) IS NULL
+       OR (CASE WHEN final_error IS NULL THEN 0 ELSE 1 END) = :finishing)
 
 -- name: expire_runs
 UPDATE runs SET status = 'EXPIRED', finished_at = :now, updated_at = :now
@@ -251,9 +270,10 @@ SELECT * FROM run_events WHERE run_id = :run_id ORDER BY id
 SELECT * FROM run_events WHERE run_id = :run_id AND id > :after ORDER BY id LIMIT :limit
 
 -- name: replay_run
--- A person gives a final run that did not complete a new attempt.
+-- A person gives a final run that did not complete a new attempt (an ordinary
+-- one: no final error left from a lease-loss limit).
 UPDATE runs SET status = 'QUEUED', run_at = :now, finished_at = NULL, retry = :retry,
-                discarded_at = NULL,
+                discarded_at = NULL, final_error = NULL,
                 lease_owner = NULL, lease_expires_at = NULL, waiting_on = NULL,
                 deadline_at = NULL, expire_at = NULL, updated_at = :now
 WHERE env = :env AND id = :id AND status IN ('FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
@@ -272,7 +292,7 @@ LIMIT :limit
 SELECT id, env, task_id, status, attempt, '' AS payload, NULL AS output, error, queue,
        priority, retry, run_at, idempotency_key, concurrency_key, tags, metadata,
        parent_run_id, NULL AS state, lease_id, lease_owner, lease_expires_at, created_at,
-       started_at, finished_at, replay_of, discarded_at
+       started_at, finished_at, replay_of, discarded_at, lease_losses, final_error
 FROM runs
 WHERE env = :env {filters}
 ORDER BY created_at DESC, id DESC
@@ -352,6 +372,9 @@ UPDATE runs AS r SET
     state = COALESCE(v.state, r.state),
     run_at = COALESCE(v.run_at, r.run_at),
     attempt = r.attempt - v.refund,
+    lease_losses = r.lease_losses + v.losses,
+    final_error = CASE WHEN v.clear_final_error = 1 THEN NULL
+                       ELSE COALESCE(v.final_error, r.final_error) END,
     lease_owner = NULL,
     lease_expires_at = NULL,
     waiting_on = NULL,
@@ -361,11 +384,15 @@ FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:statuses AS tex
             CAST(:outputs AS text[]), CAST(:errors AS text[]), CAST(:states AS text[]),
             CAST(:run_ats AS float8[]), CAST(:refunds AS int[]),
             CAST(:finished AS float8[]), CAST(:envs AS text[]), CAST(:owners AS text[]),
-            CAST(:clear_errors AS int[]))
+            CAST(:clear_errors AS int[]), CAST(:losses AS int[]),
+            CAST(:final_errors AS text[]), CAST(:clear_final_errors AS int[]),
+            CAST(:finishings AS int[]))
      AS v(id, lease_id, status, output, error, state, run_at, refund, finished_at, env, owner,
-          clear_error)
+          clear_error, losses, final_error, clear_final_error, finishing)
 WHERE r.id = v.id AND r.lease_id = v.lease_id AND r.status = 'RUNNING'
   AND (v.env IS NULL OR r.env = v.env) AND (v.owner IS NULL OR r.lease_owner = v.owner)
+  AND (v.finishing IS NULL
+       OR (CASE WHEN r.final_error IS NULL THEN 0 ELSE 1 END) = v.finishing)
 RETURNING r.id
 
 -- name: lock_run
