@@ -37,6 +37,7 @@ class StepStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_STATUS_RUNNING: _ClassVar[StepStatus]
     STEP_STATUS_COMPLETED: _ClassVar[StepStatus]
     STEP_STATUS_FAILED: _ClassVar[StepStatus]
+    STEP_STATUS_TIMED_OUT: _ClassVar[StepStatus]
 RUN_STATUS_UNSPECIFIED: RunStatus
 RUN_STATUS_QUEUED: RunStatus
 RUN_STATUS_RUNNING: RunStatus
@@ -56,6 +57,7 @@ STEP_STATUS_UNSPECIFIED: StepStatus
 STEP_STATUS_RUNNING: StepStatus
 STEP_STATUS_COMPLETED: StepStatus
 STEP_STATUS_FAILED: StepStatus
+STEP_STATUS_TIMED_OUT: StepStatus
 
 class RetryPolicy(_message.Message):
     __slots__ = ("max_attempts", "factor", "min_delay", "max_delay", "jitter", "unlimited_attempts", "max_lease_losses", "rerun_failed_steps")

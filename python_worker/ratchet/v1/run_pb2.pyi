@@ -17,9 +17,20 @@ class RunView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_VIEW_UNSPECIFIED: _ClassVar[RunView]
     RUN_VIEW_SUMMARY: _ClassVar[RunView]
     RUN_VIEW_FULL: _ClassVar[RunView]
+
+class TokenStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_STATUS_UNSPECIFIED: _ClassVar[TokenStatus]
+    TOKEN_STATUS_WAITING: _ClassVar[TokenStatus]
+    TOKEN_STATUS_COMPLETED: _ClassVar[TokenStatus]
+    TOKEN_STATUS_TIMED_OUT: _ClassVar[TokenStatus]
 RUN_VIEW_UNSPECIFIED: RunView
 RUN_VIEW_SUMMARY: RunView
 RUN_VIEW_FULL: RunView
+TOKEN_STATUS_UNSPECIFIED: TokenStatus
+TOKEN_STATUS_WAITING: TokenStatus
+TOKEN_STATUS_COMPLETED: TokenStatus
+TOKEN_STATUS_TIMED_OUT: TokenStatus
 
 class TriggerOptions(_message.Message):
     __slots__ = ("idempotency_key", "idempotency_key_ttl", "delay", "ttl", "priority", "queue", "concurrency_key", "tags", "metadata", "retry", "max_duration")
@@ -328,3 +339,81 @@ class DiscardRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _ClassVar[int]
     run: Run
     def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
+
+class Token(_message.Message):
+    __slots__ = ("id", "status", "url", "tags", "idempotency_key", "created_at", "expires_at", "completed_at", "data", "run_id", "step_key")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_KEY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    status: TokenStatus
+    url: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    idempotency_key: str
+    created_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    completed_at: _timestamp_pb2.Timestamp
+    data: bytes
+    run_id: str
+    step_key: str
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[TokenStatus, str]] = ..., url: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., idempotency_key: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., data: _Optional[bytes] = ..., run_id: _Optional[str] = ..., step_key: _Optional[str] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("timeout", "idempotency_key", "tags")
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    timeout: _duration_pb2.Duration
+    idempotency_key: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("token", "created")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    token: Token
+    created: bool
+    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class GetTokenRequest(_message.Message):
+    __slots__ = ("token_id",)
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    def __init__(self, token_id: _Optional[str] = ...) -> None: ...
+
+class GetTokenResponse(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: Token
+    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ("run_id", "statuses", "tags", "page_size", "page_token")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    statuses: _containers.RepeatedScalarFieldContainer[TokenStatus]
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    page_size: int
+    page_token: str
+    def __init__(self, run_id: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[TokenStatus, str]]] = ..., tags: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens", "next_page_token")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[Token]
+    next_page_token: str
+    def __init__(self, tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

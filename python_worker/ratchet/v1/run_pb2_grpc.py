@@ -90,6 +90,21 @@ class RunServiceStub:
                 request_serializer=ratchet_dot_v1_dot_run__pb2.ListStuckRunsRequest.SerializeToString,
                 response_deserializer=ratchet_dot_v1_dot_run__pb2.ListStuckRunsResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/ratchet.v1.RunService/CreateToken',
+                request_serializer=ratchet_dot_v1_dot_run__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=ratchet_dot_v1_dot_run__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.GetToken = channel.unary_unary(
+                '/ratchet.v1.RunService/GetToken',
+                request_serializer=ratchet_dot_v1_dot_run__pb2.GetTokenRequest.SerializeToString,
+                response_deserializer=ratchet_dot_v1_dot_run__pb2.GetTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/ratchet.v1.RunService/ListTokens',
+                request_serializer=ratchet_dot_v1_dot_run__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=ratchet_dot_v1_dot_run__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -198,6 +213,35 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """CreateToken creates a wait token outside any run, to be passed to a run
+        as data; the run waits on it with its id (Checkpoint.existing_token). The
+        token can be completed with CompleteToken or over HTTP on Token.url,
+        before or after the run starts waiting. With an idempotency key, a second
+        call returns the first token (same id and url, created = false).
+        INVALID_ARGUMENT for a negative or too long timeout, or bad tags.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetToken(self, request, context):
+        """GetToken returns one token created with CreateToken, with its completion
+        URL. NOT_FOUND if absent (tokens created inside a run are steps: see
+        Step.token_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """ListTokens pages through the environment's tokens created with
+        CreateToken, newest first, without their completion URLs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -255,6 +299,21 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ListStuckRuns,
                     request_deserializer=ratchet_dot_v1_dot_run__pb2.ListStuckRunsRequest.FromString,
                     response_serializer=ratchet_dot_v1_dot_run__pb2.ListStuckRunsResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=ratchet_dot_v1_dot_run__pb2.CreateTokenRequest.FromString,
+                    response_serializer=ratchet_dot_v1_dot_run__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'GetToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetToken,
+                    request_deserializer=ratchet_dot_v1_dot_run__pb2.GetTokenRequest.FromString,
+                    response_serializer=ratchet_dot_v1_dot_run__pb2.GetTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=ratchet_dot_v1_dot_run__pb2.ListTokensRequest.FromString,
+                    response_serializer=ratchet_dot_v1_dot_run__pb2.ListTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -555,6 +614,87 @@ class RunService:
             '/ratchet.v1.RunService/ListStuckRuns',
             ratchet_dot_v1_dot_run__pb2.ListStuckRunsRequest.SerializeToString,
             ratchet_dot_v1_dot_run__pb2.ListStuckRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratchet.v1.RunService/CreateToken',
+            ratchet_dot_v1_dot_run__pb2.CreateTokenRequest.SerializeToString,
+            ratchet_dot_v1_dot_run__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratchet.v1.RunService/GetToken',
+            ratchet_dot_v1_dot_run__pb2.GetTokenRequest.SerializeToString,
+            ratchet_dot_v1_dot_run__pb2.GetTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratchet.v1.RunService/ListTokens',
+            ratchet_dot_v1_dot_run__pb2.ListTokensRequest.SerializeToString,
+            ratchet_dot_v1_dot_run__pb2.ListTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -159,7 +159,7 @@ class LeaseGrant(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retry: _Optional[_Union[_common_pb2.RetryPolicy, _Mapping]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., final_error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("lease_id", "run_id", "step_key", "kind", "event", "attempt", "output", "error", "started_at", "finished_at", "state", "retry_base", "retry_at", "wake_at", "token_id", "wake_after", "retry_after")
+    __slots__ = ("lease_id", "run_id", "step_key", "kind", "event", "attempt", "output", "error", "started_at", "finished_at", "state", "retry_base", "retry_at", "wake_at", "token_id", "wake_after", "retry_after", "existing_token")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class Checkpoint(_message.Message):
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     WAKE_AFTER_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    EXISTING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     run_id: str
     step_key: str
@@ -194,7 +195,8 @@ class Checkpoint(_message.Message):
     token_id: str
     wake_after: _duration_pb2.Duration
     retry_after: _duration_pb2.Duration
-    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step_key: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.StepKind, str]] = ..., event: _Optional[_Union[StepEvent, str]] = ..., attempt: _Optional[int] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[bytes] = ..., retry_base: _Optional[int] = ..., retry_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., wake_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_id: _Optional[str] = ..., wake_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    existing_token: bool
+    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step_key: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.StepKind, str]] = ..., event: _Optional[_Union[StepEvent, str]] = ..., attempt: _Optional[int] = ..., output: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorInfo, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[bytes] = ..., retry_base: _Optional[int] = ..., retry_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., wake_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_id: _Optional[str] = ..., wake_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., existing_token: _Optional[bool] = ...) -> None: ...
 
 class Succeeded(_message.Message):
     __slots__ = ("output",)
