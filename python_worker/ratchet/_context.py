@@ -24,7 +24,7 @@ from typing import Any, TypeVar, overload
 
 import pydantic
 
-from ratchet import _process, _steps
+from ratchet import _process, _saga, _steps
 from ratchet._codec import timestamp, to_json, trigger_options
 from ratchet._errors import ChildOutputError, ChildRunFailedError, TokenTimeoutError
 from ratchet._retry import Retry
@@ -93,6 +93,7 @@ class Context:
         sleep_threshold: float = 5.0,
         processes: _process.ProcessPool | None = None,
         clock_offset: float = 0.0,
+        rerun_failed_steps: bool = False,
     ) -> None:
         self.run_id = run_id
         self.task_id = task_id
@@ -104,7 +105,10 @@ class Context:
         self._steps = _steps.Steps(
             run_id=run_id, lease_id=lease_id, records=steps, state=lambda: self.state,
             journal=journal, logger=self.logger, executor=executor, processes=processes,
-            sleep_threshold=sleep_threshold, clock_offset=clock_offset)
+            sleep_threshold=sleep_threshold, clock_offset=clock_offset,
+            rerun_failed_steps=rerun_failed_steps)
+        # Undos registered by ctx.step(..., compensate=...), see _saga.py.
+        self._saga = _saga.Saga()
 
     @property
     def idempotency_key(self) -> str:
@@ -152,6 +156,8 @@ class Context:
         *args: Any,
         retry: Retry | None = None,
         executor: str | None = None,
+        compensate: Callable[[T], Any] | None = None,
+        compensate_retry: Retry | None = None,
         **kwargs: Any,
     ) -> T:
         """Run `fn(*args, **kwargs)` as a durable step named `name`.
@@ -170,20 +176,51 @@ class Context:
         worker's heartbeats and cost the lease. `fn` must be a module-level
         function; arguments and result are pickled (see `ratchet._process`).
 
-        Without `retry`, a failure raises `StepFailedError` and the run
-        attempt's own retry policy applies. With `retry`, failed attempts are
+        `retry` is the step's own policy; without it a step gets
+        `ratchet.Retry()` (3 attempts, 1 s doubling to 60 s), and
+        `retry=ratchet.NO_RETRY` means one attempt. Failed attempts are
         recorded before the step is tried again, so a crash never resets the
         count. Raises `StepFailedError` when the attempts are used up or the
-        error is a `NonRetryableError`.
+        error is a `NonRetryableError`; the step is then FAILED for good: a
+        later run attempt raises the same error again without calling `fn`
+        (unless the task's policy has `rerun_failed_steps=True`), so a failure
+        the task handled stays handled. `Client.replay()` re-runs it.
+
+        `compensate=undo` makes the step part of a saga (README, "Sagas and
+        compensation"): once the step has completed (now, or on an earlier
+        attempt that this one replays), `undo` is registered for the run. If
+        the run's attempt then fails, the failure is final (no run-level
+        retry): the registered undos run in reverse order, each once, as
+        durable steps `ratchet:undo:<step key>`, each called with this step's
+        output (decoded as returned here); `undo` may be sync or async. An
+        undo is retried per `compensate_retry` (default: 10 attempts, 0.5 s
+        doubling to 10 s); one that still fails is logged and left FAILED,
+        and the others still run. Then `on_failure` runs and the run ends
+        FAILED with the original error. Steps run at least once: make the
+        step and its undo idempotent with `ctx.idempotency_key`. Step names
+        starting with "ratchet:" are reserved.
         """
         key = self._steps.key(name)
+        value = await self._step(key, fn, args, kwargs, retry, executor)
+        if compensate is not None:
+            self._saga.register(key, compensate, value, compensate_retry)
+        return typing.cast(T, value)
+
+    async def _internal_step(self, key: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                             retry: Retry | None) -> Any:
+        """A step of Ratchet's own, under its exact key (`ratchet:...`, unique
+        in a run): allowed while the run is finishing."""
+        return await self._step(key, fn, args, {}, retry, None)
+
+    async def _step(self, key: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any], retry: Retry | None, executor: str | None) -> Any:
         decode = _steps.decoder(fn)
         record = self._steps.records.get(key)
         if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
             self._replayed(record)
-            return typing.cast(T, decode(json.loads(record.output or b"null")))
-        value = await self._steps.run(key, record, fn, args, kwargs, retry, executor, decode)
-        return typing.cast(T, value)
+            return decode(json.loads(record.output or b"null"))
+        self._steps.forward(key)
+        return await self._steps.run(key, record, fn, args, kwargs, retry, executor, decode)
 
     # --- durable waits and values ---------------------------------------------------
 
@@ -215,6 +252,7 @@ class Context:
         if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
             self._replayed(record)
             return
+        steps.forward(key)
         started = time.time()
         if record is not None and record.HasField("wake_at"):
             remaining = steps.local(record.wake_at) - started
@@ -247,6 +285,7 @@ class Context:
         record = steps.records.get(key)
         if record is not None:
             return record.token_id
+        steps.forward(key)
         seconds = timeout.total_seconds() if isinstance(timeout, dt.timedelta) else timeout
         if seconds is not None and seconds < 0:
             raise ValueError("a token timeout cannot be negative")
@@ -334,6 +373,7 @@ class Context:
         if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
             data = json.loads(record.output)
             return _child_outputs(data, task) if wait else list(data)
+        steps.forward(key)
         if record is None or record.status == common_pb2.STEP_STATUS_FAILED:
             opts = trigger_options(
                 None, None, options.get("delay"), options.get("ttl"),
@@ -375,6 +415,7 @@ class Context:
         if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED:
             self._replayed(record)
             return json.loads(record.output)
+        self._steps.forward(key)
         value = produce()
         now = time.time()
         with self._steps.executing():

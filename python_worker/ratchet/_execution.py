@@ -21,12 +21,19 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable
 from typing import Any
 
-from ratchet import _context, _process
-from ratchet._codec import duration, error_from_exception, error_to_pb, timestamp
+from ratchet import _context, _process, _saga
+from ratchet._codec import (
+    duration,
+    error_from_exception,
+    error_from_pb,
+    error_to_pb,
+    timestamp,
+)
 from ratchet._context import Context
 from ratchet._errors import LeaseLostError, RatchetError
 from ratchet._session import RELEASE_TIMEOUT, Session, WriteRefusedError
@@ -93,12 +100,20 @@ class Execution:
                           state=json.loads(snapshot.state) if snapshot.state else {},
                           journal=journal, executor=self._threads,
                           sleep_threshold=self._sleep_threshold, processes=self._processes,
-                          clock_offset=self.clock_offset)
+                          clock_offset=self.clock_offset,
+                          rerun_failed_steps=grant.retry.rerun_failed_steps)
             # The code runs again from the top: ctx.state starts as it was
             # there ({}) and each completed step the replay passes restores
             # the state saved with it (Context._replayed). The stored document
             # above stays what a change is compared with before it is sent.
             ctx.state = {}
+            if grant.HasField("final_error") or _saga.started(ctx._steps.records):
+                # The run is finishing (_saga.py): replay only to learn its undos.
+                ctx._steps.finishing = True
+            if grant.HasField("final_error"):
+                # A finishing lease ends the run whatever is reported: an
+                # undo's retry waits here rather than suspend the run.
+                ctx._steps.sleep_threshold = math.inf
             self.ctx = ctx
             _context._current_context.set(ctx)
             try:
@@ -106,7 +121,10 @@ class Execution:
                     raise RatchetError(f"this worker does not serve task {grant.task_id!r}")
                 waiting_on, result = await _until_done_or_suspended(
                     ctx, task.fn(ctx, task.parse_payload(snapshot.payload)))
-                if waiting_on:
+                if ctx._steps.finishing:
+                    # The replay of a finishing run went through: still no success.
+                    outcome = await self._finish(ctx, task, None)
+                elif waiting_on:
                     log.info("run %s suspended, waiting on %s", run_id, ", ".join(waiting_on))
                     outcome = worker_pb2.Complete(
                         lease_id=lease_id, run_id=run_id,
@@ -122,6 +140,13 @@ class Execution:
                 raise
             except Exception as exc:
                 outcome = await self._failed(ctx, task, exc)
+            except BaseException as exc:
+                if not (ctx._steps.finishing and _saga.is_finishing(exc)):
+                    raise
+                # Finishing mode stopped the task function at a call that
+                # has not completed: the undos it registered run now.
+                assert task is not None
+                outcome = await self._finish(ctx, task, None)
             await self._complete(outcome)
         except LeaseLostError as exc:
             log.warning("run %s: lease %s lost (%s); dropping this execution",
@@ -142,12 +167,24 @@ class Execution:
     ) -> worker_pb2.Complete:
         """The outcome of an attempt that raised, after the hooks had their say."""
         grant = self._grant
+        if ctx._steps.finishing and task is not None:
+            return await self._finish(ctx, task, None)  # the recorded error decides
+        # The attempt is over: other branches of the task start no step now,
+        # and a step in flight ends its attempt first, so that its result is
+        # recorded (and its undo registered) before the outcome is decided.
+        ctx._steps.finishing = True
+        await ctx._steps.settle()
         error = error_from_exception(exc, attempt=grant.attempt)
         log.warning("run %s attempt %d failed: %s: %s", self.run_id, grant.attempt,
                     error.type, error.message)
         retry_after: float | None = None
         if task is not None and task.catch_error is not None:
             error, retry_after = await _catch_error(ctx, task, error)
+        if task is not None and ctx._saga.undos:
+            if retry_after is not None:
+                log.warning("run %s: catch_error asked for a retry, but the run has "
+                            "compensations registered: its failure is final", self.run_id)
+            return await self._finish(ctx, task, error)
         last = error.non_retryable or (
             grant.HasField("retry") and not grant.retry.unlimited_attempts
             and grant.attempt >= grant.retry.max_attempts)
@@ -160,6 +197,57 @@ class Execution:
             failed.retry_after.CopyFrom(duration(retry_after))
             failed.retry_at.CopyFrom(timestamp(time.time() + retry_after))
         outcome = worker_pb2.Complete(lease_id=self.lease_id, run_id=self.run_id, failed=failed)
+        with contextlib.suppress(TypeError):  # a state that cannot be saved stays behind
+            state = ctx._state_update()
+            if state is not None:
+                outcome.state = state
+        return outcome
+
+    async def _finish(
+        self, ctx: Context, task: Task[Any, Any], error: RunError | None
+    ) -> worker_pb2.Complete:
+        """Finish a run that failed for good (_saga.py): run its undos in
+        reverse order, then on_failure, and report Failed (non-retryable).
+
+        `error` is this attempt's failure when it starts finishing now; None
+        when the run was finishing already: the finishing lease's final error
+        then decides, else the error recorded in ``ratchet:failure``. The
+        compensations may suspend the run (an undo's long retry wait) unless
+        this is a finishing lease."""
+        grant = self._grant
+        steps = ctx._steps
+        steps.finishing = True
+        await steps.settle()  # steps in flight in other branches end first
+        if grant.HasField("final_error"):
+            error = error_from_pb(grant.final_error)
+        elif error is None:
+            error = _saga.recorded_error(steps.records)
+        else:
+            error = dataclasses.replace(error, non_retryable=True)
+            # Recorded before any undo runs, so a worker that takes over after
+            # a crash reports this error rather than guess.
+            await ctx._internal_step(_saga.FAILURE_KEY, _recorded,
+                                     (_saga.error_json(error),), None)
+        final = dataclasses.replace(error, non_retryable=True)
+        log.warning("run %s is finishing (%s: %s): %d compensation(s) to run", self.run_id,
+                    final.type, final.message, len(ctx._saga.undos))
+
+        async def compensate_then_hook() -> None:
+            await ctx._saga.compensate(ctx)
+            if task.on_failure is not None:
+                await _on_failure(ctx, task, final)
+
+        waiting_on, _ = await _until_done_or_suspended(ctx, compensate_then_hook())
+        if waiting_on:
+            log.info("run %s suspended while compensating, waiting on %s", self.run_id,
+                     ", ".join(waiting_on))
+            outcome = worker_pb2.Complete(
+                lease_id=self.lease_id, run_id=self.run_id,
+                suspended=worker_pb2.Suspended(step_keys=waiting_on))
+        else:
+            outcome = worker_pb2.Complete(
+                lease_id=self.lease_id, run_id=self.run_id,
+                failed=worker_pb2.Failed(error=error_to_pb(final)))
         with contextlib.suppress(TypeError):  # a state that cannot be saved stays behind
             state = ctx._state_update()
             if state is not None:
@@ -252,11 +340,16 @@ async def _on_failure(ctx: Context, task: Task[Any, Any], error: RunError) -> No
     hook = task.on_failure
     assert hook is not None
     try:
-        await ctx.step("ratchet:on_failure", hook, ctx, error)  # type: ignore[arg-type]
+        await ctx._internal_step("ratchet:on_failure", hook, (ctx, error), None)
     except (asyncio.CancelledError, LeaseLostError):
         raise
     except Exception:
         log.exception("run %s: the on_failure hook failed", ctx.run_id)
+
+
+async def _recorded(error: dict[str, Any]) -> dict[str, Any]:
+    """The step function of ``ratchet:failure``: its output is the error."""
+    return error
 
 
 class _LeaseJournal:

@@ -27,9 +27,18 @@ from typing import Any, Protocol
 import pydantic
 
 from ratchet import _process
-from ratchet._codec import duration, error_from_exception, error_to_pb, timestamp, to_json
+from ratchet._codec import (
+    duration,
+    error_from_exception,
+    error_from_pb,
+    error_to_pb,
+    timestamp,
+    to_json,
+)
 from ratchet._errors import StepFailedError
-from ratchet._retry import NO_RETRY, Retry
+from ratchet._retry import Retry
+from ratchet._saga import RESERVED, Finishing
+from ratchet._types import RunError
 from ratchet.v1 import common_pb2, worker_pb2
 
 # The key of the step whose function is running (for ctx.idempotency_key).
@@ -37,6 +46,11 @@ current_step: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "ratchet_current_step", default=None)
 
 Call = Callable[[tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
+
+# A step's policy when ctx.step() is given no `retry=`: 3 attempts, 1 s
+# doubling to 60 s. Run attempts do not retry a FAILED step (unless the run's
+# policy says rerun_failed_steps), so a step retries on its own.
+STEP_RETRY = Retry()
 
 
 class Journal(Protocol):
@@ -63,6 +77,7 @@ class Steps:
         processes: _process.ProcessPool | None,
         sleep_threshold: float,
         clock_offset: float,
+        rerun_failed_steps: bool = False,
     ) -> None:
         self.run_id = run_id
         self.lease_id = lease_id
@@ -74,6 +89,9 @@ class Steps:
         # The coordinator's clock minus this worker's (LeaseGrant.sent_at): the
         # snapshot's wake_at times are on the coordinator's clock.
         self.clock_offset = clock_offset
+        # The run's policy (LeaseGrant.retry): a step FAILED in an earlier
+        # lease runs again with a fresh budget, instead of failing again.
+        self.rerun_failed_steps = rerun_failed_steps
         # Read at each write: `ctx.state` may be replaced, not just changed.
         self._state = state
         self._sent_state = to_json(state())
@@ -89,14 +107,39 @@ class Steps:
         # One write in flight per lease (protocol checklist item 12): branches
         # of a gather() take turns, so state is saved in the order it changed.
         self.write_lock = asyncio.Lock()
+        # Finishing mode (_saga.py): no durable call that has not completed
+        # may start, except Ratchet's own (undos, on_failure).
+        self.finishing = False
+        self._busy_changed = asyncio.Event()  # set when _active may have changed
 
     def key(self, name: str) -> str:
         """The key of the next call named `name` (`name`, then `name#2`, ...)."""
         if not name or "#" in name:
             raise ValueError(f"step name {name!r} must be non-empty and must not contain '#'")
+        if name.startswith(RESERVED):
+            raise ValueError(f"step name {name!r}: names starting with {RESERVED!r} are "
+                             f"reserved for Ratchet's own steps (compensations, hooks)")
         n = self._uses.get(name, 0) + 1
         self._uses[name] = n
         return name if n == 1 else f"{name}#{n}"
+
+    def forward(self, key: str) -> None:
+        """Called before a durable call that has not completed starts (or
+        resumes): in finishing mode, stop the task function instead."""
+        if self.finishing and not key.startswith(RESERVED):
+            raise Finishing(key)
+
+    async def settle(self) -> None:
+        """Wait until no branch is executing durable work. With finishing set,
+        a step in flight ends with its current attempt (a completion is still
+        recorded, and its undo registered) and none starts."""
+        while self._active > 0:
+            self._busy_changed.clear()
+            await self._busy_changed.wait()
+        # Branches left blocked on a wait belong to the stopped task function:
+        # they must not make the finishing run suspend.
+        self._blocked.clear()
+        self.suspended.clear()
 
     def state_update(self) -> bytes | None:
         """The state as JSON if it changed since it was last sent, else None."""
@@ -125,10 +168,16 @@ class Steps:
     ) -> Any:
         """Run a step that has not completed: its attempts, each checkpointed."""
         call = self._caller(fn, executor)
-        policy = retry or NO_RETRY
+        policy = retry or STEP_RETRY
+        if (record is not None and record.status == common_pb2.STEP_STATUS_FAILED
+                and not self.rerun_failed_steps):
+            # It failed in an earlier lease, and a failure the task may have
+            # handled (say, by a refund) stays a failure: raise it again
+            # without calling fn. `Client.replay()` gives it a fresh budget.
+            raise StepFailedError(key, record.attempts, _recorded_error(key, record))
         attempts = record.attempts if record is not None else 0
         # A step still RUNNING was retrying when its worker stopped: keep counting.
-        # A FAILED one failed in an earlier run attempt: it gets a fresh budget.
+        # A FAILED one (rerun_failed_steps) gets a fresh budget.
         running = record is not None and record.status == common_pb2.STEP_STATUS_RUNNING
         base = record.retry_base if running and record is not None else attempts
         if running and record is not None and record.HasField("wake_at"):
@@ -161,6 +210,7 @@ class Steps:
         decode: Callable[[Any], Any],
     ) -> Any:
         while True:
+            self.forward(key)  # the run began finishing during the backoff
             attempt = attempts + 1
             started = time.time()
             token = current_step.set(key)
@@ -231,6 +281,7 @@ class Steps:
 
     async def block(self, key: str) -> Any:
         """Wait for the run to suspend (this execution ends; the run resumes later)."""
+        self.forward(key)
         self._blocked.add(key)
         self._check_suspend()
         try:
@@ -241,6 +292,7 @@ class Steps:
     def _check_suspend(self) -> None:
         # Two loop hops: branches started by the same gather() get to begin
         # their own steps before the decision is made.
+        self._busy_changed.set()
         loop = asyncio.get_running_loop()
         loop.call_soon(loop.call_soon, self._decide)
 
@@ -295,6 +347,14 @@ class Steps:
         """Create child runs (a write like a checkpoint: one at a time)."""
         async with self.write_lock:
             return await self.journal.trigger_children(request)
+
+
+def _recorded_error(key: str, record: common_pb2.Step) -> RunError:
+    """The error a FAILED step was recorded with."""
+    if record.HasField("error"):
+        return error_from_pb(record.error)
+    return RunError(type="ratchet.StepFailedError", message="the step failed in an earlier "
+                    "attempt (no error was recorded)", step_key=key, attempt=record.attempts)
 
 
 async def _call(
