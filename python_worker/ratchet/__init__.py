@@ -34,12 +34,13 @@ from ratchet._errors import (
     UnavailableError,
     WorkerError,
 )
-from ratchet._retry import Retry
+from ratchet._retry import NO_RETRY, Retry
 from ratchet._task import PayloadValidationError, Task, task
 from ratchet._types import BatchItem, Decision, Run, RunError, RunEvent, RunStatus, StepInfo
 from ratchet._worker import Worker
 
 __all__ = [
+    "NO_RETRY",
     "AuthenticationError",
     "BatchItem",
     "ChildOutputError",

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ratchet._client import Client
-from ratchet._errors import RatchetError, RunFailedError
+from ratchet._errors import ClientError, RatchetError, RunFailedError
 from ratchet._task import Task
 from ratchet._types import Run, RunEvent, RunStatus
 from ratchet._worker import Worker
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "or every run matching the filters)")
     p.add_argument("run_id", nargs="?")
     p.add_argument("--from-scratch", action="store_true", help="a new run, same payload")
+    p.add_argument("--rerun-compensated", action="store_true",
+                   help="replay runs whose compensations (undos) have run, too")
     p.add_argument("--status", action="append", default=[],
                    help="with no RUN: runs in this status (default FAILED)")
     p.add_argument("--task", default=None)
@@ -382,7 +384,8 @@ async def _runs(args: argparse.Namespace) -> int:
 
 async def _replay(client: Client, args: argparse.Namespace) -> None:
     if args.run_id:
-        run = await client.replay(args.run_id, from_scratch=args.from_scratch)
+        run = await client.replay(args.run_id, from_scratch=args.from_scratch,
+                                  rerun_compensated=args.rerun_compensated)
         print(f"{run.id} {run.status.value}")
         return
     if not (args.status or args.task or args.tag):
@@ -397,17 +400,30 @@ async def _replay(client: Client, args: argparse.Namespace) -> None:
         selected += [r.id for r in page]
         if not token:
             break
-    failures = 0
+    failures = skipped = 0
     for n, run_id in enumerate(selected, 1):
         try:
-            await client.replay(run_id, from_scratch=args.from_scratch)
+            await client.replay(run_id, from_scratch=args.from_scratch,
+                                rerun_compensated=args.rerun_compensated)
         except RatchetError as exc:
-            failures += 1
-            print(f"\n{run_id}: {exc}", file=sys.stderr)
+            if isinstance(exc, ClientError) and _compensated(exc):
+                skipped += 1
+            else:
+                failures += 1
+                print(f"\n{run_id}: {exc}", file=sys.stderr)
         _progress(n, len(selected))
-    print(f"\nreplayed {len(selected) - failures} of {len(selected)} run(s)")
+    print(f"\nreplayed {len(selected) - failures - skipped} of {len(selected)} run(s)")
+    if skipped:
+        print(f"skipped {skipped} compensated run(s): their undos have run "
+              "(--rerun-compensated replays them anyway, --from-scratch starts them over)")
     if failures:
         raise CLIError(f"{failures} run(s) could not be replayed")
+
+
+def _compensated(exc: ClientError) -> bool:
+    """The coordinator refused to replay a run because its undos have run (its
+    refusal names the flag that would force it)."""
+    return exc.code == "FAILED_PRECONDITION" and "--rerun-compensated" in exc.message
 
 
 def _progress(done: int, total: int, width: int = 30) -> None:

@@ -173,12 +173,19 @@ class Client:
             if not token:
                 return events
 
-    async def replay(self, run_id: str, *, from_scratch: bool = False) -> Run:
+    async def replay(self, run_id: str, *, from_scratch: bool = False,
+                     rerun_compensated: bool = False) -> Run:
         """Give a run that ended without completing a new attempt from its last
-        checkpoint (completed steps are kept), or with `from_scratch` start a new
-        linked run with the same payload."""
+        checkpoint (completed steps are kept; FAILED steps get a fresh budget of
+        attempts), or with `from_scratch` start a new linked run with the same
+        payload.
+
+        A run whose compensations have run (`ctx.step(..., compensate=...)`)
+        is refused with a `ClientError` (FAILED_PRECONDITION): replaying it
+        could redo forward steps whose effects were undone. Start it over with
+        `from_scratch`, or pass `rerun_compensated=True` to replay it anyway."""
         response = await self._call(self._runs.ReplayRun, run_pb2.ReplayRunRequest(
-            run_id=run_id, from_scratch=from_scratch))
+            run_id=run_id, from_scratch=from_scratch, rerun_compensated=rerun_compensated))
         return run_from_pb(response.run)
 
     async def discard(self, run_id: str) -> Run:

@@ -9,6 +9,7 @@ import ratchet
 pytestmark = pytest.mark.timeout(10)
 
 PUBLIC = [
+    "NO_RETRY",
     "AuthenticationError",
     "BatchItem",
     "ChildOutputError",

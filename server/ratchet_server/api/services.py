@@ -126,7 +126,8 @@ class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
     @_unary
     async def ReplayRun(self, request: Any, context: Any) -> run_pb2.ReplayRunResponse:
         run = await self._engine.replay(auth.principal().env, request.run_id,
-                                        from_scratch=request.from_scratch)
+                                        from_scratch=request.from_scratch,
+                                        rerun_compensated=request.rerun_compensated)
         return run_pb2.ReplayRunResponse(run=convert.run_to_pb(run))
 
     @_unary

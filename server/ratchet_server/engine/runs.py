@@ -97,8 +97,13 @@ class RunsMixin(core.EngineBase):
             return events, ""
         return events[:limit], str(events[limit - 1]["id"])
 
-    async def replay(self, env: str, run_id: str, *, from_scratch: bool) -> model.Run:
-        """A new attempt from the last checkpoint, or a new linked run from scratch."""
+    async def replay(self, env: str, run_id: str, *, from_scratch: bool,
+                     rerun_compensated: bool = False) -> model.Run:
+        """A new attempt from the last checkpoint, or a new linked run from scratch.
+
+        From the last checkpoint, the run's FAILED steps that run code get a
+        fresh budget (policy.rerun_on_replay). A run whose compensations have
+        run is refused unless `rerun_compensated`."""
         run = await self.store.get_run(env, run_id)
         if run is None:
             raise errors.NotFound(f"run {run_id!r} not found")
@@ -108,14 +113,22 @@ class RunsMixin(core.EngineBase):
             raise errors.FailedPrecondition(
                 f"run {run_id!r} is {run.status.value}: only a run that ended without "
                 "completing can be replayed from its last checkpoint")
+        steps = await self.store.get_steps(run_id)
+        if policy.compensated(steps) and not rerun_compensated:
+            raise errors.FailedPrecondition(
+                f"run {run_id!r} was compensated (its undo steps {policy.UNDO_PREFIX}* have "
+                "run): replaying it from its last checkpoint could redo forward steps whose "
+                "effects were undone. Use --from-scratch for a new run, or "
+                "--rerun-compensated (ReplayRunRequest.rerun_compensated) to replay it anyway")
         # The task's current policy (its fixed code may have changed it), with a
         # fresh budget counted from the attempts already made.
         task = await self._task(env, run.task_id)
-        policy = task.retry if task is not None else run.retry
-        budget = dataclasses.replace(policy, max_attempts=None if policy.max_attempts is None
-                                     else run.attempt + policy.max_attempts,
-                                     max_lease_losses=run.lease_losses + policy.max_lease_losses)
-        replayed = await self.store.replay_run(env, run_id, budget)
+        retry = task.retry if task is not None else run.retry
+        budget = dataclasses.replace(retry, max_attempts=None if retry.max_attempts is None
+                                     else run.attempt + retry.max_attempts,
+                                     max_lease_losses=run.lease_losses + retry.max_lease_losses)
+        replayed = await self.store.replay_run(env, run_id, budget,
+                                               rerun_steps=policy.rerun_on_replay(steps))
         if replayed is None:
             raise errors.FailedPrecondition(f"run {run_id!r} changed meanwhile; try again")
         self._wake.set()

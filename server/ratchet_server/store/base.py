@@ -220,7 +220,8 @@ class SqlStore(abc.ABC):
 
         return await self._run(txn)
 
-    async def replay_run(self, env: str, run_id: str, retry: model.Retry) -> model.Run | None:
+    async def replay_run(self, env: str, run_id: str, retry: model.Retry,
+                         rerun_steps: Sequence[str] = ()) -> model.Run | None:
         def txn(conn: Any) -> model.Run | None:
             now = time.time()
             row = conn.execute(self.dialect.sql("replay_run"), {
@@ -229,10 +230,14 @@ class SqlStore(abc.ABC):
             if row is None:
                 return None
             run = _rows.run_from_row(row)
+            if rerun_steps:
+                conn.cursor().executemany(self.dialect.sql("rerun_failed_step"), [
+                    {"run_id": run.id, "key": key} for key in rerun_steps])
             _rows.insert_events_txn(conn, self.dialect, [model.Event(
                 run_id=run.id, type=model.EventType.REPLAYED, at=now, attempt=run.attempt,
                 data=json.dumps({"from": "last checkpoint",
-                                 "max_attempts": retry.max_attempts}))])
+                                 "max_attempts": retry.max_attempts,
+                                 "rerun_steps": list(rerun_steps)}))])
             self._notify_txn(conn, {env})
             return run
 

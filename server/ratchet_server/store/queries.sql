@@ -279,6 +279,13 @@ UPDATE runs SET status = 'QUEUED', run_at = :now, finished_at = NULL, retry = :r
 WHERE env = :env AND id = :id AND status IN ('FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
 RETURNING *
 
+-- name: rerun_failed_step
+-- With replay_run: a FAILED step (which steps: engine policy.rerun_on_replay)
+-- is RUNNING again with a fresh budget (its attempts so far become its
+-- retry_base) and no retry due, so the worker's next attempt runs it at once.
+UPDATE steps SET status = 'RUNNING', retry_base = attempts, wake_at = NULL, finished_at = NULL
+WHERE run_id = :run_id AND key = :key AND status = 'FAILED'
+
 -- name: list_runs
 SELECT * FROM runs
 WHERE env = :env {filters}
