@@ -100,7 +100,11 @@ def task(
     When `T` is a pydantic model (or any type pydantic understands), payloads
     are validated on the worker and its JSON Schema is announced to the
     coordinator, which rejects triggers that do not fit. `retry` governs run
-    attempts (default: 3 attempts, 1 s doubling to 60 s). `on_failure(ctx,
+    attempts (default: 3 attempts, 1 s doubling to 60 s; `ratchet.NO_RETRY`
+    for one). A later run attempt replays the code: completed steps return
+    their results, and a step that FAILED raises its error again without
+    running, unless `retry` has `rerun_failed_steps=True` (each step retries
+    on its own: see `Context.step`). `on_failure(ctx,
     error)` runs once, as a durable step, when the run ends FAILED (not on
     attempts that will be retried).
     """

@@ -9,7 +9,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from ratchet import Context, NonRetryableError, Retry, StepFailedError
+from ratchet import NO_RETRY, Context, NonRetryableError, Retry, StepFailedError
 from ratchet.v1 import common_pb2, worker_pb2
 
 pytestmark = pytest.mark.timeout(10)
@@ -34,16 +34,18 @@ class Journal:
 
 
 def make_ctx(journal: Journal, steps: dict[str, common_pb2.Step] | None = None,
-             state: dict[str, Any] | None = None) -> Context:
+             state: dict[str, Any] | None = None, *,
+             rerun_failed_steps: bool = False) -> Context:
     return Context(run_id=RUN_ID, task_id="t", attempt=1, lease_id="lease-1",
                    steps=steps or {}, state=state if state is not None else {},
-                   journal=journal)
+                   journal=journal, rerun_failed_steps=rerun_failed_steps)
 
 
 def record(key: str, status: int, *, attempts: int = 1, retry_base: int = 0,
-           output: bytes = b"") -> common_pb2.Step:
+           output: bytes = b"", error: common_pb2.ErrorInfo | None = None) -> common_pb2.Step:
     return common_pb2.Step(key=key, kind=common_pb2.STEP_KIND_RUN, status=status,  # type: ignore[arg-type]
-                           attempts=attempts, retry_base=retry_base, output=output)
+                           attempts=attempts, retry_base=retry_base, output=output,
+                           error=error)
 
 
 class Flaky:
@@ -169,12 +171,23 @@ async def test_a_successful_step_records_one_completed_checkpoint() -> None:
     assert not cp.HasField("retry_at")
 
 
-async def test_without_retry_a_failure_raises_step_failed_at_once() -> None:
+async def test_without_retry_a_step_retries_per_the_default_policy() -> None:
+    # Retry(): 3 attempts, the first wait 1 s (short: it stays in process).
+    journal = Journal()
+    ctx = make_ctx(journal)
+    flaky = Flaky(1)
+    started = time.monotonic()
+    assert await ctx.step("s", flaky) == "ok"
+    assert time.monotonic() - started >= 0.95
+    assert flaky.calls == 2 and journal.events() == [("RETRYING", 1, 0), ("COMPLETED", 2, 0)]
+
+
+async def test_no_retry_fails_the_step_at_once() -> None:
     journal = Journal()
     ctx = make_ctx(journal)
     flaky = Flaky(1)
     with pytest.raises(StepFailedError) as info:
-        await ctx.step("s", flaky)
+        await ctx.step("s", flaky, retry=NO_RETRY)
     assert flaky.calls == 1 and journal.events() == [("FAILED", 1, 0)]
     assert info.value.step_key == "s" and info.value.attempts == 1
     assert info.value.error.type == "ConnectionError"
@@ -285,11 +298,34 @@ async def test_a_running_step_keeps_its_retry_base() -> None:
     assert journal.events() == [("RETRYING", 5, 3), ("FAILED", 6, 3)]
 
 
-async def test_a_failed_step_gets_a_fresh_budget() -> None:
+async def test_a_failed_step_raises_its_recorded_error_again() -> None:
+    # It failed in an earlier run attempt: by default it stays failed, and its
+    # function is not called again.
+    journal = Journal()
+    error = common_pb2.ErrorInfo(type="ValueError", message="no such account", step_key="s",
+                                 attempt=3)
+    ctx = make_ctx(journal, {"s": record("s", common_pb2.STEP_STATUS_FAILED, attempts=3,
+                                         error=error)})
+    flaky = Flaky(0, value=7)
+    with pytest.raises(StepFailedError) as info:
+        await ctx.step("s", flaky, retry=FAST)
+    assert flaky.calls == 0 and journal.checkpoints == []
+    assert info.value.step_key == "s" and info.value.attempts == 3
+    assert info.value.error.type == "ValueError"
+    assert info.value.error.message == "no such account"
+    # The same without a retry policy, and without a recorded error.
+    ctx = make_ctx(journal, {"s": record("s", common_pb2.STEP_STATUS_FAILED, attempts=1)})
+    with pytest.raises(StepFailedError) as info:
+        await ctx.step("s", flaky)
+    assert flaky.calls == 0 and journal.checkpoints == []
+    assert info.value.error.step_key == "s"
+
+
+async def test_a_failed_step_gets_a_fresh_budget_with_rerun_failed_steps() -> None:
     # It failed in an earlier run attempt; this run attempt may try it again in full.
     journal = Journal()
     ctx = make_ctx(journal, {"s": record("s", common_pb2.STEP_STATUS_FAILED, attempts=2,
-                                         retry_base=0)})
+                                         retry_base=0)}, rerun_failed_steps=True)
     flaky = Flaky(10)
     with pytest.raises(StepFailedError) as info:
         await ctx.step("s", flaky, retry=FAST)
@@ -299,7 +335,8 @@ async def test_a_failed_step_gets_a_fresh_budget() -> None:
 
 async def test_a_failed_step_can_succeed_on_a_later_run_attempt() -> None:
     journal = Journal()
-    ctx = make_ctx(journal, {"s": record("s", common_pb2.STEP_STATUS_FAILED, attempts=1)})
+    ctx = make_ctx(journal, {"s": record("s", common_pb2.STEP_STATUS_FAILED, attempts=1)},
+                   rerun_failed_steps=True)
     assert await ctx.step("s", Flaky(0, value=7)) == 7
     assert journal.events() == [("COMPLETED", 2, 1)]
 
@@ -375,7 +412,7 @@ async def test_a_value_that_is_not_json_fails_the_step() -> None:
         return object()
 
     with pytest.raises(StepFailedError) as info:
-        await ctx.step("s", opaque)
+        await ctx.step("s", opaque, retry=NO_RETRY)
     assert info.value.error.type == "TypeError"
     assert journal.events() == [("FAILED", 1, 0)]
 
@@ -412,5 +449,5 @@ async def test_idempotency_key_is_run_and_step_inside_a_step() -> None:
 async def test_the_step_key_is_reset_after_a_failed_attempt() -> None:
     ctx = make_ctx(Journal())
     with pytest.raises(StepFailedError):
-        await ctx.step("s", Flaky(1))
+        await ctx.step("s", Flaky(1), retry=NO_RETRY)
     assert ctx.idempotency_key == RUN_ID
