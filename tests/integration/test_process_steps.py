@@ -45,8 +45,10 @@ async def test_the_same_step_in_a_thread_loses_its_lease(
     pg_url: str, tmp_path: Path
 ) -> None:
     """The limit `executor="process"` lifts: in a thread, the held GIL stops
-    the heartbeats, the coordinator takes the lease back, and the worker says
-    why in its log. (Postgres only: what it shows is in the worker.)"""
+    the heartbeats, the coordinator takes the lease back (the run's attempt
+    is given back: the step runs again, and this time returns at once), and
+    the worker says why in its log. (Postgres only: what it shows is in the
+    worker.)"""
     cluster = Cluster(pg_url, tmp_path)
     try:
         await cluster.start_coordinator()
@@ -55,8 +57,8 @@ async def test_the_same_step_in_a_thread_loses_its_lease(
         client = cluster.client()
         run = await client.trigger("gil-in-thread", {"dir": str(tmp_path), "seconds": HOLD})
         done = await client.wait(run.id, timeout=90)
-        assert done.status == "FAILED", done
-        assert done.error is not None and done.error.type == "LeaseLost", done.error
+        assert done.status == "COMPLETED", done
+        assert done.attempt == 1 and done.lease_losses >= 1, done
         types = [e.type for e in await client.history(run.id)]
         assert "lease_lost" in types, types
         assert lines(tmp_path / "hold") == [str(worker.pid)]  # in the worker itself
