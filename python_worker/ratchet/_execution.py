@@ -224,10 +224,9 @@ class Execution:
             error = _saga.recorded_error(steps.records)
         else:
             error = dataclasses.replace(error, non_retryable=True)
-            # Recorded before any undo runs, so a worker that takes over after
-            # a crash reports this error rather than guess.
-            await ctx._internal_step(_saga.FAILURE_KEY, _recorded,
-                                     (_saga.error_json(error),), None)
+            # Recorded before any undo runs: a worker that takes over after a
+            # crash finishes the run too, and reports this error.
+            await _saga.record_failure(steps, error)
         final = dataclasses.replace(error, non_retryable=True)
         log.warning("run %s is finishing (%s: %s): %d compensation(s) to run", self.run_id,
                     final.type, final.message, len(ctx._saga.undos))
@@ -345,11 +344,6 @@ async def _on_failure(ctx: Context, task: Task[Any, Any], error: RunError) -> No
         raise
     except Exception:
         log.exception("run %s: the on_failure hook failed", ctx.run_id)
-
-
-async def _recorded(error: dict[str, Any]) -> dict[str, Any]:
-    """The step function of ``ratchet:failure``: its output is the error."""
-    return error
 
 
 class _LeaseJournal:

@@ -5,8 +5,9 @@ has completed, live or passed again on replay. When the run's attempt then
 fails, the failure is final (no run-level retry) and the execution
 *finishes* the run:
 
-1. the error is recorded as the value step ``ratchet:failure`` (so that a
-   worker that takes over after a crash knows what failed);
+1. the error is recorded as the step ``ratchet:failure``, FAILED with that
+   error (so that a worker that takes over after a crash knows that the run
+   is finishing, and with what error);
 2. the undos run in reverse order of registration, each once, as durable
    steps ``ratchet:undo:<step key>`` with their own retry policy; an undo that
    still fails is logged, its step stays FAILED, and the others still run;
@@ -14,9 +15,9 @@ fails, the failure is final (no run-level retry) and the execution
 4. Failed is reported, non-retryable, with the original error.
 
 Finishing mode: a run that has started finishing never runs a forward step
-again. When a lease arrives whose snapshot already holds ``ratchet:failure``
-or a ``ratchet:undo:*`` step (its worker died while compensating), or a
-finishing lease (``LeaseGrant.final_error``: the coordinator has failed the
+again. When a lease arrives whose snapshot holds ``ratchet:failure`` FAILED
+(its worker died while compensating, or the compensations suspended on an
+undo's retry wait), or a finishing lease (``LeaseGrant.final_error``: the coordinator has failed the
 run for good, e.g. too many lost leases), the task function is replayed only
 to learn which undos were registered: the first durable call that has not
 completed raises `Finishing`, a BaseException, so a user's ``except
@@ -25,6 +26,12 @@ to 4 above run. On a finishing lease, the hook gets the final error and
 Failed carries it; otherwise the error recorded in ``ratchet:failure`` is
 reported.
 
+``ratchet:failure`` is a FAILED step of kind RUN so that a forced replay
+(`replay --rerun-compensated`), which gives every FAILED step of kind RUN a
+fresh start, also ends finishing mode: the replayed run goes forward again
+from its last checkpoint (completed steps, undos included, are not redone;
+failed ones run again), and should it fail again, it finishes again.
+
 Step names starting with ``ratchet:`` are reserved for these internal steps.
 """
 
@@ -32,19 +39,21 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
+import time
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from ratchet._codec import error_to_pb
 from ratchet._errors import StepFailedError
 from ratchet._retry import Retry
 from ratchet._types import RunError
-from ratchet.v1 import common_pb2
+from ratchet.v1 import common_pb2, worker_pb2
 
 if typing.TYPE_CHECKING:
     from ratchet._context import Context
+    from ratchet._steps import Steps
 
 log = logging.getLogger("ratchet.worker")
 
@@ -81,25 +90,17 @@ def is_finishing(exc: BaseException) -> bool:
 
 
 def started(records: Mapping[str, common_pb2.Step]) -> bool:
-    """Whether the run had started finishing: the error or an undo is recorded."""
-    return any(key == FAILURE_KEY or key.startswith(UNDO_PREFIX) for key in records)
+    """Whether the run had started finishing: ``ratchet:failure`` is recorded."""
+    record = records.get(FAILURE_KEY)
+    return record is not None and record.status == common_pb2.STEP_STATUS_FAILED
 
 
 def recorded_error(records: Mapping[str, common_pb2.Step]) -> RunError:
-    """The error the run is finishing with, as recorded in ``ratchet:failure``.
-
-    Without that record (it cannot normally be missing once an undo ran), the
-    last FAILED forward step's error stands in, else a generic one."""
+    """The error the run is finishing with, as recorded in ``ratchet:failure``
+    (a generic one should the record hold none)."""
     record = records.get(FAILURE_KEY)
-    if record is not None and record.status == common_pb2.STEP_STATUS_COMPLETED \
-            and record.output:
-        data = json.loads(record.output)
-        fields = {f.name for f in dataclasses.fields(RunError)}
-        return RunError(**{k: v for k, v in data.items() if k in fields})
-    failed = [r for r in records.values() if r.status == common_pb2.STEP_STATUS_FAILED
-              and r.HasField("error") and not r.key.startswith(RESERVED)]
-    if failed:
-        pb = max(failed, key=lambda r: r.finished_at.ToNanoseconds()).error
+    if record is not None and record.HasField("error"):
+        pb = record.error
         return RunError(type=pb.type, message=pb.message, stack=pb.stack, non_retryable=True,
                         step_key=pb.step_key, attempt=pb.attempt)
     return RunError(type="ratchet.CompensationInterrupted", non_retryable=True,
@@ -107,9 +108,17 @@ def recorded_error(records: Mapping[str, common_pb2.Step]) -> RunError:
                             "original error was not recorded")
 
 
-def error_json(error: RunError) -> dict[str, Any]:
-    """The error as the ``ratchet:failure`` step records it."""
-    return dataclasses.asdict(error)
+async def record_failure(steps: Steps, error: RunError) -> None:
+    """Record ``ratchet:failure``: FAILED, with the error the run finishes with."""
+    record = steps.records.get(FAILURE_KEY)
+    attempts = record.attempts if record is not None else 0
+    now = time.time()
+    with steps.executing():
+        await steps.checkpoint(FAILURE_KEY, worker_pb2.STEP_EVENT_FAILED, attempts + 1,
+                               attempts, now, now, error=error_to_pb(error))
+    steps.records[FAILURE_KEY] = common_pb2.Step(
+        key=FAILURE_KEY, kind=common_pb2.STEP_KIND_RUN, status=common_pb2.STEP_STATUS_FAILED,
+        attempts=attempts + 1, error=error_to_pb(error))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

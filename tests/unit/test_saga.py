@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -53,10 +54,11 @@ def grant(steps: list[common_pb2.Step] = (), *, attempt: int = 1,  # type: ignor
     return g
 
 
-async def execute(task: ratchet.Task[Any, Any], g: worker_pb2.LeaseGrant) -> Session:
+async def execute(task: ratchet.Task[Any, Any], g: worker_pb2.LeaseGrant, *,
+                  sleep_threshold: float = 5.0) -> Session:
     session = Session()
     execution = Execution(g, task, session, threads=None, processes=None,  # type: ignore[arg-type]
-                          sleep_threshold=5.0)
+                          sleep_threshold=sleep_threshold)
     await asyncio.wait_for(execution.run(), 10)
     return session
 
@@ -132,8 +134,8 @@ ORIGINAL = common_pb2.ErrorInfo(type="ConnectionError", message="bank down",
                                 step_key="deposit", attempt=2)
 
 
-def failure_record(error: dict[str, Any]) -> common_pb2.Step:
-    return completed("ratchet:failure", error)
+def failure_record(error: common_pb2.ErrorInfo) -> common_pb2.Step:
+    return failed("ratchet:failure", error)
 
 
 # --- compensation in the attempt that fails -----------------------------------------------
@@ -146,7 +148,7 @@ async def test_a_failure_after_compensable_steps_runs_undos_in_reverse_and_is_fi
                           "release seat-7", "refund 10"]
     assert session.checkpoints() == [
         ("withdraw", "COMPLETED"), ("reserve", "COMPLETED"), ("deposit", "RETRYING"),
-        ("deposit", "FAILED"), ("after-handler", "COMPLETED"), ("ratchet:failure", "COMPLETED"),
+        ("deposit", "FAILED"), ("after-handler", "COMPLETED"), ("ratchet:failure", "FAILED"),
         ("ratchet:undo:reserve", "COMPLETED"), ("ratchet:undo:withdraw", "COMPLETED"),
         ("ratchet:on_failure", "COMPLETED")]
     outcome = session.outcome()
@@ -159,7 +161,7 @@ async def test_a_failure_after_compensable_steps_runs_undos_in_reverse_and_is_fi
     assert hook_error.type == "ConnectionError" and hook_error.non_retryable
     recorded = next(m.checkpoint for m in session.sent
                     if m.checkpoint.step_key == "ratchet:failure")
-    assert json.loads(recorded.output)["message"] == "bank down"
+    assert recorded.error.message == "bank down" and recorded.error.non_retryable
 
 
 async def test_an_undo_that_fails_for_good_is_recorded_and_the_others_still_run() -> None:
@@ -175,7 +177,7 @@ async def test_an_undo_that_fails_for_good_is_recorded_and_the_others_still_run(
     session = await execute(saga, grant())
     assert bank.calls == ["withdraw", "reserve", "release seat-7", "refund 5", "refund 5"]
     assert session.checkpoints() == [
-        ("withdraw", "COMPLETED"), ("reserve", "COMPLETED"), ("ratchet:failure", "COMPLETED"),
+        ("withdraw", "COMPLETED"), ("reserve", "COMPLETED"), ("ratchet:failure", "FAILED"),
         ("ratchet:undo:reserve", "COMPLETED"), ("ratchet:undo:withdraw", "RETRYING"),
         ("ratchet:undo:withdraw", "FAILED")]
     error = session.outcome().failed.error
@@ -262,8 +264,8 @@ async def test_after_a_crash_while_compensating_no_forward_step_runs() -> None:
     no forward step (not even the handler's), runs the remaining undo, the
     hook with the recorded error, and reports that error."""
     bank = Bank(deposit_fails=False)
-    recorded = {"type": "ConnectionError", "message": "bank down", "stack": "",
-                "non_retryable": True, "step_key": "deposit", "attempt": 1}
+    recorded = common_pb2.ErrorInfo(type="ConnectionError", message="bank down",
+                                    non_retryable=True, step_key="deposit", attempt=1)
     session = await execute(bank.task(), grant([
         completed("withdraw", {"amount": 10}), completed("reserve", "seat-7"),
         failed("deposit", ORIGINAL), failure_record(recorded),
@@ -285,7 +287,8 @@ async def test_finishing_mode_stops_a_step_that_was_running() -> None:
                               status=common_pb2.STEP_STATUS_RUNNING, attempts=1)
     session = await execute(bank.task(), grant([
         completed("withdraw", {"amount": 3}), completed("reserve", "s"), running,
-        failure_record({"type": "X", "message": "m"}), completed("ratchet:undo:reserve", None),
+        failure_record(common_pb2.ErrorInfo(type="X", message="m")),
+        completed("ratchet:undo:reserve", None),
         completed("ratchet:undo:withdraw", None)]))
     assert bank.calls == []
     assert session.checkpoints() == [("ratchet:on_failure", "COMPLETED")]
@@ -360,3 +363,85 @@ async def test_finishing_replay_that_returns_still_fails() -> None:
     final = common_pb2.ErrorInfo(type="E", message="m", non_retryable=True)
     session = await execute(saga, grant([completed("one", 1)], final_error=final))
     assert session.outcome().WhichOneof("outcome") == "failed"
+
+
+def sometimes_failing_refund(calls: list[str], failures: int) -> Any:
+    async def refund(withdrawn: dict[str, int]) -> None:
+        calls.append("refund")
+        if len(calls) <= failures:
+            raise ConnectionError("refund refused")
+    return refund
+
+
+def waiting_undo(due_in: float) -> common_pb2.Step:
+    """An undo step that failed once and waits for its retry."""
+    step = common_pb2.Step(key="ratchet:undo:withdraw", kind=common_pb2.STEP_KIND_RUN,
+                           status=common_pb2.STEP_STATUS_RUNNING, attempts=1)
+    step.wake_at.FromNanoseconds(int((time.time() + due_in) * 1e9))
+    return step
+
+
+def undo_saga(calls: list[str], failures: int, retry: Retry) -> ratchet.Task[Any, Any]:
+    async def withdraw() -> dict[str, int]:
+        calls.append("withdraw")
+        return {"amount": 1}
+
+    @ratchet.task(id="saga")
+    async def saga(ctx: Context, payload: Any) -> None:
+        await ctx.step("withdraw", withdraw, compensate=sometimes_failing_refund(
+            calls, failures), compensate_retry=retry)
+        raise ValueError("deposit refused")
+
+    return saga
+
+
+async def test_a_long_undo_retry_wait_suspends_the_run_and_it_finishes_later() -> None:
+    calls: list[str] = []
+    slow = Retry(max_attempts=3, min_delay=30.0, max_delay=30.0)
+    session = await execute(undo_saga(calls, 2, slow), grant())
+    assert calls == ["withdraw", "refund"]
+    outcome = session.outcome()
+    assert outcome.WhichOneof("outcome") == "suspended"
+    assert list(outcome.suspended.step_keys) == ["ratchet:undo:withdraw"]
+    retrying = [m.checkpoint for m in session.sent
+                if m.checkpoint.step_key == "ratchet:undo:withdraw"]
+    assert retrying[-1].HasField("retry_after")
+
+    # Woken when the retry is due: the next lease finishes the run.
+    session = await execute(undo_saga(calls, 1, slow), grant([
+        completed("withdraw", {"amount": 1}), failure_record(common_pb2.ErrorInfo(
+            type="ValueError", message="deposit refused", non_retryable=True)),
+        waiting_undo(-1.0)]))
+    assert calls == ["withdraw", "refund", "refund"]
+    assert session.checkpoints() == [("ratchet:undo:withdraw", "COMPLETED")]
+    error = session.outcome().failed.error
+    assert error.type == "ValueError" and error.non_retryable
+
+
+async def test_a_finishing_lease_waits_for_an_undo_retry_in_process() -> None:
+    """A finishing lease ends the run whatever it reports: it never suspends."""
+    calls: list[str] = []
+    final = common_pb2.ErrorInfo(type="E", message="m", non_retryable=True)
+    session = await execute(
+        undo_saga(calls, 0, FAST),
+        grant([completed("withdraw", {"amount": 1}), waiting_undo(0.5)], final_error=final),
+        sleep_threshold=0.1)
+    assert calls == ["refund"]
+    assert session.checkpoints() == [("ratchet:undo:withdraw", "COMPLETED")]
+    assert session.outcome().failed.error.type == "E"
+
+
+async def test_a_forced_replay_of_a_compensated_run_goes_forward_again() -> None:
+    """`replay --rerun-compensated` gives FAILED steps of kind RUN a fresh
+    start, ratchet:failure included: the run is no longer finishing."""
+    bank = Bank(deposit_fails=False)
+    reset = common_pb2.Step(key="ratchet:failure", kind=common_pb2.STEP_KIND_RUN,
+                            status=common_pb2.STEP_STATUS_RUNNING, attempts=1, retry_base=1)
+    deposit = common_pb2.Step(key="deposit", kind=common_pb2.STEP_KIND_RUN,
+                              status=common_pb2.STEP_STATUS_RUNNING, attempts=2, retry_base=2)
+    session = await execute(bank.task(), grant(
+        [completed("withdraw", {"amount": 10}), completed("reserve", "seat-7"), deposit,
+         reset, completed("ratchet:undo:reserve", None),
+         completed("ratchet:undo:withdraw", None)], attempt=2))
+    assert bank.calls == ["deposit"]
+    assert session.outcome().WhichOneof("outcome") == "succeeded"
