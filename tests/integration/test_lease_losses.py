@@ -4,11 +4,20 @@ part B, with real coordinator and worker processes on both stores)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, Cluster, Process, count_lines, eventually, lines
+from tests.harness import (
+    ROOT,
+    Cluster,
+    Process,
+    count_lines,
+    eventually,
+    lines,
+    run_cli_async,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,6 +48,12 @@ async def test_three_sigkills_in_a_row_do_not_fail_a_run_allowed_two_attempts(
     assert final.attempt == 1  # the three lost leases cost no attempt
     assert final.lease_losses == 3
     assert count_lines(work / "before") == 1  # completed steps did not run again
+    # `ratchet runs show` says so.
+    shown = await run_cli_async("runs", "show", run.id, env=cluster.cli_env())
+    assert shown.returncode == 0, shown.stderr
+    assert "COMPLETED  attempt 1  lost leases 3" in shown.stdout.splitlines()[0]
+    as_json = await run_cli_async("runs", "show", run.id, "--json", env=cluster.cli_env())
+    assert json.loads(as_json.stdout)["lease_losses"] == 3
 
 
 async def test_a_run_that_kills_its_worker_every_time_stops_at_the_bound(
