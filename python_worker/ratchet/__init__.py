@@ -30,13 +30,24 @@ from ratchet._errors import (
     RatchetError,
     RunFailedError,
     StepFailedError,
+    TokenDataError,
     TokenTimeoutError,
     UnavailableError,
     WorkerError,
 )
 from ratchet._retry import NO_RETRY, Retry
 from ratchet._task import PayloadValidationError, Task, task
-from ratchet._types import BatchItem, Decision, Run, RunError, RunEvent, RunStatus, StepInfo
+from ratchet._types import (
+    BatchItem,
+    Decision,
+    Run,
+    RunError,
+    RunEvent,
+    RunStatus,
+    StepInfo,
+    Token,
+    TokenResult,
+)
 from ratchet._worker import Worker
 
 __all__ = [
@@ -64,6 +75,9 @@ __all__ = [
     "StepFailedError",
     "StepInfo",
     "Task",
+    "Token",
+    "TokenDataError",
+    "TokenResult",
     "TokenTimeoutError",
     "UnavailableError",
     "Worker",

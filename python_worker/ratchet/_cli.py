@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import importlib
 import importlib.util
 import json
@@ -26,7 +27,7 @@ from typing import Any
 from ratchet._client import Client
 from ratchet._errors import ClientError, RatchetError, RunFailedError
 from ratchet._task import Task
-from ratchet._types import Run, RunEvent, RunStatus
+from ratchet._types import Run, RunEvent, RunStatus, Token
 from ratchet._worker import Worker
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="coordinator on the embedded SQLite store (loopback, no auth)")
     p.add_argument("--port", type=int, default=7420)
     p.add_argument("--http-port", type=int, default=7421)
+    p.add_argument("--public-url", default="", metavar="URL",
+                   help="base of the token completion URLs handed out (default "
+                        "http://127.0.0.1:HTTP_PORT)")
     p.add_argument("--db", default=".ratchet/dev.db", help="SQLite file (default .ratchet/dev.db)")
     p.add_argument("--worker", action="append", default=[], metavar="MODULE",
                    help="serve this module's tasks in-process (repeatable)")
@@ -98,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gRPC HOST:PORT (default loopback; use 0.0.0.0:7420 to serve remote "
                         "workers, behind TLS until Ratchet terminates it itself)")
     p.add_argument("--http-listen", default="127.0.0.1:7421", help="HTTP HOST:PORT")
+    p.add_argument("--public-url", default="", metavar="URL",
+                   help="where clients reach the HTTP port, the base of token completion "
+                        "URLs, e.g. https://ratchet.example.com (default http://HTTP_LISTEN)")
     _timing_args(p)
 
     p = sub.add_parser("migrate", help="apply schema migrations")
@@ -145,6 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = tokens.add_parser("complete", help="complete a wait token, waking its run")
     p.add_argument("token")
     p.add_argument("--data", default="null", help="JSON handed to the waiting task")
+    _client_args(p)
+    p = tokens.add_parser("create", help="create a wait token outside any run; print it")
+    p.add_argument("--timeout", type=duration, default=None, help="TIMED_OUT after this")
+    p.add_argument("--idempotency-key", default="")
+    p.add_argument("--tag", action="append", default=[])
+    p.add_argument("--json", action="store_true")
+    _client_args(p)
+    p = tokens.add_parser("get", help="show a token created outside a run, with its URL")
+    p.add_argument("token")
+    p.add_argument("--json", action="store_true")
+    _client_args(p)
+    p = tokens.add_parser("list", help="tokens created outside runs, newest first")
+    p.add_argument("--run", default=None, help="only the token this run waits on")
+    p.add_argument("--status", action="append", default=[],
+                   choices=["WAITING", "COMPLETED", "TIMED_OUT"])
+    p.add_argument("--tag", action="append", default=[], help="only tokens with every tag")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
     _client_args(p)
 
     runs = sub.add_parser("runs", help="inspect and cancel runs").add_subparsers(
@@ -307,11 +332,52 @@ def _payload(text: str, flag: str = "--payload") -> Any:
 
 async def _tokens(args: argparse.Namespace) -> int:
     async with Client(args.coordinator, api_key=args.api_key) as client:
-        if await client.complete_token(args.token, _payload(args.data, "--data")):
-            print(f"{args.token} completed")
+        if args.tokens_command == "complete":
+            if await client.complete_token(args.token, _payload(args.data, "--data")):
+                print(f"{args.token} completed")
+            else:
+                print(f"{args.token} was already completed or timed out; nothing changed")
+        elif args.tokens_command == "create":
+            token = await client.create_token(timeout=args.timeout, tags=args.tag,
+                                              idempotency_key=args.idempotency_key)
+            print(json.dumps(_token_dict(token), indent=2) if args.json
+                  else f"{token.id}\n{token.url}")
+        elif args.tokens_command == "get":
+            token = await client.get_token(args.token)
+            if args.json:
+                print(json.dumps(_token_dict(token), indent=2))
+            else:
+                print(_token_line(token))
+                print(f"url: {token.url}")
+                if token.status == "COMPLETED":
+                    print(f"data: {json.dumps(token.data)}")
         else:
-            print(f"{args.token} was already completed or timed out; nothing changed")
+            found, _ = await client.list_tokens(run_id=args.run, status=args.status,
+                                                tags=args.tag, limit=args.limit)
+            if args.json:
+                print(json.dumps([_token_dict(t) for t in found], indent=2))
+            for t in [] if args.json else found:
+                print(_token_line(t))
     return 0
+
+
+def _token_dict(token: Token) -> dict[str, Any]:
+    def iso(value: dt.datetime | None) -> str | None:
+        return None if value is None else value.isoformat()
+
+    return {"id": token.id, "status": token.status, "url": token.url or None,
+            "tags": list(token.tags), "idempotency_key": token.idempotency_key or None,
+            "created_at": iso(token.created_at), "expires_at": iso(token.expires_at),
+            "completed_at": iso(token.completed_at), "data": token.data,
+            "run_id": token.run_id or None, "step_key": token.step_key or None}
+
+
+def _token_line(t: Token) -> str:
+    created = t.created_at.strftime("%Y-%m-%d %H:%M:%S") if t.created_at else ""
+    expires = f"  expires {t.expires_at:%Y-%m-%d %H:%M:%S}" if t.expires_at else ""
+    run = f"  run {t.run_id} ({t.step_key})" if t.run_id else ""
+    tags = f"  tags {','.join(t.tags)}" if t.tags else ""
+    return f"{t.id}  {t.status:<10} {created}{expires}{run}{tags}"
 
 
 async def _trigger(args: argparse.Namespace) -> int:
@@ -469,6 +535,10 @@ def render_run(run: Run) -> str:
         mark = "✗" if step.status == "FAILED" or step.key == failed_key else " "
         line = (f"{branch}{mark}{step.key:<20} {step.status:<10} {tries:<11} "
                 f"{_ms(step.duration)}")
+        if step.token_id and step.status == "RUNNING":
+            line += f"  waiting on token {step.token_id}"
+            if step.wake_at is not None:
+                line += f" (times out {step.wake_at:%Y-%m-%d %H:%M:%S})"
         if step.error is not None:
             label = "last error" if step.status == "COMPLETED" else "error"
             line += f"  {label}: {step.error.type}: {step.error.message}"

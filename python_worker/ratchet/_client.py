@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import datetime as dt
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -11,12 +12,20 @@ from typing import Any
 
 import grpc
 
-from ratchet._codec import event_from_pb, run_from_pb, timestamp, to_json, trigger_options
+from ratchet._codec import (
+    duration,
+    event_from_pb,
+    run_from_pb,
+    timestamp,
+    to_json,
+    token_from_pb,
+    trigger_options,
+)
 from ratchet._errors import ClientError, RunFailedError, from_rpc_error
 from ratchet._retry import Retry
 from ratchet._session import CHANNEL_OPTIONS
 from ratchet._task import Task
-from ratchet._types import BatchItem, Run, RunEvent, RunStatus
+from ratchet._types import BatchItem, Run, RunEvent, RunStatus, Token
 from ratchet._worker import DEFAULT_COORDINATOR
 from ratchet.v1 import common_pb2, run_pb2, run_pb2_grpc, system_pb2, system_pb2_grpc
 
@@ -209,6 +218,56 @@ class Client:
         response = await self._call(self._runs.CompleteToken, run_pb2.CompleteTokenRequest(
             token_id=token_id, data=to_json(data)))
         return bool(response.completed)
+
+    async def create_token(
+        self, *, timeout: float | dt.timedelta | None = None, idempotency_key: str = "",
+        tags: Sequence[str] = (),
+    ) -> Token:
+        """Create a wait token outside any run, to pass to a run as data.
+
+        The run waits on it with `ctx.wait_for_token(token.id)`; complete it
+        with `complete_token(token.id, data)` or by POSTing JSON to
+        `token.url` (before or after the run starts waiting: data delivered
+        first is handed to the run as soon as it waits). `timeout` counts
+        from now; None = never. With `idempotency_key`, a second call
+        returns the first token (same id and url). Raises
+        InvalidArgumentError for a negative timeout or bad tags.
+        """
+        seconds = timeout.total_seconds() if isinstance(timeout, dt.timedelta) else timeout
+        request = run_pb2.CreateTokenRequest(idempotency_key=idempotency_key, tags=list(tags))
+        if seconds is not None:
+            if seconds < 0:
+                raise ValueError("a token timeout cannot be negative")
+            request.timeout.CopyFrom(duration(seconds))
+        response = await self._call(self._runs.CreateToken, request)
+        return token_from_pb(response.token)
+
+    async def get_token(self, token_id: str) -> Token:
+        """A token created with `create_token`, with its completion URL.
+        Raises NotFoundError if absent."""
+        response = await self._call(self._runs.GetToken,
+                                    run_pb2.GetTokenRequest(token_id=token_id))
+        return token_from_pb(response.token)
+
+    async def list_tokens(
+        self, *, run_id: str | None = None,
+        status: str | Iterable[str] | None = None, tags: Sequence[str] = (),
+        limit: int = 50, page_token: str = "",
+    ) -> tuple[builtins.list[Token], str]:
+        """One page of tokens created with `create_token`, newest first, and the
+        token of the next page ("" at the end). Filters: the run waiting on
+        it, status ("WAITING", "COMPLETED", "TIMED_OUT"), tags (all of them).
+        Listed tokens carry no URL (`get_token` has it)."""
+        statuses = [status] if isinstance(status, str) else list(status or [])
+        try:
+            codes = [getattr(run_pb2, f"TOKEN_STATUS_{s.upper()}") for s in statuses]
+        except AttributeError:
+            raise ValueError(f"unknown token status in {statuses!r}; "
+                             "use WAITING, COMPLETED or TIMED_OUT") from None
+        response = await self._call(self._runs.ListTokens, run_pb2.ListTokensRequest(
+            run_id=run_id or "", statuses=codes, tags=list(tags), page_size=limit,
+            page_token=page_token))
+        return [token_from_pb(t) for t in response.tokens], response.next_page_token
 
     async def wait(self, run_id: str, *, timeout: float | None = None) -> Run:
         """Wait until the run is final and return it (polling with backoff).

@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from ratchet._errors import NonRetryableError, StepFailedError
 from ratchet._retry import Retry
-from ratchet._types import Run, RunError, RunEvent, RunStatus, StepInfo
+from ratchet._types import Run, RunError, RunEvent, RunStatus, StepInfo, Token
 from ratchet.v1 import common_pb2, run_pb2
 
 STEP_KINDS = {common_pb2.STEP_KIND_RUN: "run", common_pb2.STEP_KIND_SLEEP: "sleep",
@@ -24,7 +24,11 @@ STEP_KINDS = {common_pb2.STEP_KIND_RUN: "run", common_pb2.STEP_KIND_SLEEP: "slee
               common_pb2.STEP_KIND_VALUE: "value"}
 STEP_STATUSES = {common_pb2.STEP_STATUS_RUNNING: "RUNNING",
                  common_pb2.STEP_STATUS_COMPLETED: "COMPLETED",
-                 common_pb2.STEP_STATUS_FAILED: "FAILED"}
+                 common_pb2.STEP_STATUS_FAILED: "FAILED",
+                 common_pb2.STEP_STATUS_TIMED_OUT: "TIMED_OUT"}
+TOKEN_STATUSES = {run_pb2.TOKEN_STATUS_WAITING: "WAITING",
+                  run_pb2.TOKEN_STATUS_COMPLETED: "COMPLETED",
+                  run_pb2.TOKEN_STATUS_TIMED_OUT: "TIMED_OUT"}
 
 
 def to_json(value: Any) -> bytes:
@@ -110,7 +114,19 @@ def step_from_pb(pb: common_pb2.Step) -> StepInfo:
         output=from_json(pb.output) if pb.status == common_pb2.STEP_STATUS_COMPLETED else None,
         error=error_from_pb(pb.error) if pb.HasField("error") else None,
         started_at=_dt(pb.started_at, pb.HasField("started_at")),
-        finished_at=_dt(pb.finished_at, pb.HasField("finished_at")))
+        finished_at=_dt(pb.finished_at, pb.HasField("finished_at")),
+        token_id=pb.token_id, wake_at=_dt(pb.wake_at, pb.HasField("wake_at")))
+
+
+def token_from_pb(pb: run_pb2.Token) -> Token:
+    return Token(
+        id=pb.id, status=TOKEN_STATUSES.get(pb.status, "UNSPECIFIED"), url=pb.url,
+        tags=tuple(pb.tags), idempotency_key=pb.idempotency_key,
+        created_at=_dt(pb.created_at, pb.HasField("created_at")),
+        expires_at=_dt(pb.expires_at, pb.HasField("expires_at")),
+        completed_at=_dt(pb.completed_at, pb.HasField("completed_at")),
+        data=from_json(pb.data) if pb.data else None, run_id=pb.run_id,
+        step_key=pb.step_key)
 
 
 def run_from_pb(pb: run_pb2.Run, steps: Any = (), created: bool = True) -> Run:

@@ -20,15 +20,20 @@ import time
 import typing
 import uuid as uuid_module
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import pydantic
 
 from ratchet import _process, _saga, _steps
 from ratchet._codec import timestamp, to_json, trigger_options
-from ratchet._errors import ChildOutputError, ChildRunFailedError, TokenTimeoutError
+from ratchet._errors import (
+    ChildOutputError,
+    ChildRunFailedError,
+    TokenDataError,
+    TokenTimeoutError,
+)
 from ratchet._retry import Retry
-from ratchet._types import BatchItem, RunError
+from ratchet._types import BatchItem, RunError, Token, TokenResult
 from ratchet.v1 import common_pb2, run_pb2, worker_pb2
 
 if typing.TYPE_CHECKING:
@@ -302,19 +307,80 @@ class Context:
             wake_at=None if seconds is None else timestamp(now + seconds + steps.clock_offset))
         return token_id
 
-    async def wait_for_token(self, token: str) -> Any:
-        """The data the token was completed with. Suspends the run until then;
-        raises TokenTimeoutError if the token's timeout passes first."""
-        found = [k for k, r in self._steps.records.items() if r.token_id == token]
-        if not found:
-            raise ValueError(f"token {token!r} was not created by this run")
-        key = found[0]
-        record = self._steps.records[key]
+    @overload
+    async def wait_for_token(self, token: str | Token, *, model: type[T],
+                             timeout_as_value: Literal[False] = False) -> T: ...
+
+    @overload
+    async def wait_for_token(self, token: str | Token, *, model: None = None,
+                             timeout_as_value: Literal[False] = False) -> Any: ...
+
+    @overload
+    async def wait_for_token(self, token: str | Token, *, model: type[T],
+                             timeout_as_value: Literal[True]) -> TokenResult[T]: ...
+
+    @overload
+    async def wait_for_token(self, token: str | Token, *, model: None = None,
+                             timeout_as_value: Literal[True]) -> TokenResult[Any]: ...
+
+    async def wait_for_token(self, token: str | Token, *, model: Any = None,
+                             timeout_as_value: bool = False) -> Any:
+        """The data the token was completed with. Suspends the run until then.
+
+        `token` is a token this run created (`ctx.create_token`), or one
+        created outside it (`Client.create_token`, passed in the payload; its
+        id or the Token): the run then waits on it under the step key
+        `token:<id>`, and if it was completed before the run got here, the run
+        resumes at once with its data. A token wakes one run: another run
+        waiting on it fails with WriteRefusedError, as does an unknown token.
+
+        With `model` (a pydantic model or any type pydantic validates), the
+        data is validated and converted; data that does not fit raises
+        TokenDataError (non-retryable), naming the token step.
+
+        If the token's timeout passes first, TokenTimeoutError is raised, or,
+        with `timeout_as_value=True`, a `TokenResult(ok=False, timed_out=True)`
+        is returned (`TokenResult(ok=True, data=...)` otherwise). Either way
+        the token step shows as TIMED_OUT, not FAILED: whether a timeout is a
+        failure is the task's decision.
+        """
+        token_id = token if isinstance(token, str) else token.id
+        if not token_id:
+            raise ValueError("a token id must not be empty")
+        steps = self._steps
+        found = [k for k, r in steps.records.items() if r.token_id == token_id]
+        if found:
+            key = found[0]
+        else:
+            # A token from outside the run: the coordinator links it to this
+            # step, or records the step COMPLETED at once if its data is in.
+            key = steps.key(f"token:{token_id}")
+            steps.forward(key)
+            now = time.time()
+            with steps.executing():
+                await steps.checkpoint(key, worker_pb2.STEP_EVENT_STARTED, 1, 0, now, now,
+                                       kind=common_pb2.STEP_KIND_TOKEN, token_id=token_id,
+                                       existing_token=True)
+            steps.records[key] = common_pb2.Step(
+                key=key, kind=common_pb2.STEP_KIND_TOKEN,
+                status=common_pb2.STEP_STATUS_RUNNING, attempts=1, token_id=token_id)
+        record = steps.records[key]
         if record.status == common_pb2.STEP_STATUS_COMPLETED:
-            return json.loads(record.output or b"null")
-        if record.status == common_pb2.STEP_STATUS_FAILED:
+            data = json.loads(record.output or b"null")
+            if model is not None:
+                try:
+                    data = pydantic.TypeAdapter(model).validate_python(data)
+                except pydantic.ValidationError as exc:
+                    raise TokenDataError(key, token_id, model, json.loads(
+                        record.output or b"null"), exc) from None
+            if timeout_as_value:
+                return TokenResult(ok=True, data=data, timed_out=False, token_id=token_id)
+            return data
+        if record.status in (common_pb2.STEP_STATUS_TIMED_OUT, common_pb2.STEP_STATUS_FAILED):
+            if timeout_as_value:
+                return TokenResult(ok=False, data=None, timed_out=True, token_id=token_id)
             raise TokenTimeoutError(f"wait token {key!r} timed out")
-        await self._steps.block(key)
+        await steps.block(key)
 
     async def trigger(self, task: Task[Any, Any] | str, payload: Any = None, *,
                       name: str | None = None, **options: Any) -> str:

@@ -2,7 +2,8 @@
 
     RatchetError
     ├── NonRetryableError       raise it (or a subclass) to fail at once, without retries
-    │   └── ChildOutputError    a child's output does not fit its task's output type
+    │   ├── ChildOutputError    a child's output does not fit its task's output type
+    │   └── TokenDataError      a token's data does not fit the model it was waited with
     ├── StepFailedError         a step used up its attempts; carries the step key and error
     ├── RunFailedError          Client.wait(): the run ended other than COMPLETED
     ├── LeaseLostError          the coordinator no longer honours this worker's lease
@@ -79,6 +80,27 @@ class ChildRunFailedError(RatchetError):
         self.status = status
         self.error = error
         self.results = results
+
+
+class TokenDataError(NonRetryableError):
+    """`ctx.wait_for_token(token, model=M)`: the token was completed with data
+    that does not fit M.
+
+    `step_key` and `token_id` name the token step and the token; `data` is the
+    data as plain JSON; `validation` holds pydantic's ValidationError.
+    Non-retryable: the data is stored, so a later attempt would see the same.
+    """
+
+    def __init__(self, step_key: str, token_id: str, model: Any, data: Any,
+                 validation: Exception) -> None:
+        name = getattr(model, "__name__", repr(model))
+        super().__init__(f"token step {step_key!r} (token {token_id}): its data does not fit "
+                         f"{name}: {validation}")
+        self.step_key = step_key
+        self.token_id = token_id
+        self.model = model
+        self.data = data
+        self.validation = validation
 
 
 class ChildOutputError(NonRetryableError):

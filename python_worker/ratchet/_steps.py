@@ -322,13 +322,15 @@ class Steps:
         kind: int = common_pb2.STEP_KIND_RUN,
         wake_after: float | None = None,
         token_id: str = "",
+        existing_token: bool = False,
     ) -> None:
         """Record a step event, with the state if it changed; returns once committed."""
         checkpoint = worker_pb2.Checkpoint(
             lease_id=self.lease_id, run_id=self.run_id, step_key=key,
             kind=kind, event=event,  # type: ignore[arg-type]
             attempt=attempt, output=output, error=error, started_at=timestamp(started),
-            finished_at=timestamp(finished), retry_base=base, token_id=token_id)
+            finished_at=timestamp(finished), retry_base=base, token_id=token_id,
+            existing_token=existing_token)
         # Durations decide (the coordinator's clock); the absolute times are
         # for coordinators older than the duration fields.
         if retry_after is not None:

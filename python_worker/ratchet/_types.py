@@ -7,7 +7,9 @@ import dataclasses
 import datetime as dt
 import enum
 import importlib
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 
 class RunStatus(enum.StrEnum):
@@ -115,6 +117,10 @@ class StepInfo:
     error: RunError | None
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    # For a token step: the token's id ("" otherwise), and while it waits,
+    # when it times out by itself.
+    token_id: str = ""
+    wake_at: dt.datetime | None = None
 
     @property
     def duration(self) -> float | None:
@@ -185,6 +191,7 @@ class Run:
                     "started_at": iso(s.started_at),
                     "finished_at": iso(s.finished_at),
                     "duration_s": s.duration,
+                    "token_id": s.token_id or None,
                 }
                 for s in self.steps
             ],
@@ -244,3 +251,42 @@ class Decision:
     def replace(cls, error: RunError) -> Decision:
         """Record this error instead (its non_retryable flag is honoured)."""
         return cls("replace", error=error)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Token:
+    """A wait token created with `Client.create_token`.
+
+    Pass `id` to a run (in its payload); the run waits with
+    `ctx.wait_for_token(id)`. Complete it with `Client.complete_token(id,
+    data)`, `ratchet tokens complete`, or by POSTing JSON to `url` (no API
+    key needed: the URL's secret is the credential, so hand it only to whoever
+    should complete the token). `status` is "WAITING", "COMPLETED" or
+    "TIMED_OUT". `url` is empty in listings; `get_token` returns it.
+    """
+
+    id: str
+    status: str
+    url: str
+    tags: tuple[str, ...]
+    idempotency_key: str
+    created_at: dt.datetime | None
+    expires_at: dt.datetime | None
+    completed_at: dt.datetime | None
+    # The data it was completed with (None until then).
+    data: Any
+    # The run waiting on it, and its token step ("" until a run waits).
+    run_id: str
+    step_key: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenResult(Generic[T]):
+    """What `ctx.wait_for_token(..., timeout_as_value=True)` returns: either
+    `ok` with `data` (validated against the model, if one was given), or
+    `timed_out` (the token's timeout passed first; `data` is None)."""
+
+    ok: bool
+    data: T | None
+    timed_out: bool
+    token_id: str

@@ -1,4 +1,4 @@
-"""Assembles a coordinator: store, engine, gRPC services, HTTP health."""
+"""Assembles a coordinator: store, engine, gRPC services, the HTTP port."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from ratchet_server.api.services import RunService, SystemService, WorkerService
 from ratchet_server.engine.engine import Engine, EngineConfig
 from ratchet_server.engine.keys import RevokedKeySweep
 from ratchet_server.store import Store
-from ratchet_server.web import start_http
+from ratchet_server.web import HttpServer
 
 log = logging.getLogger("ratchet.server")
 
@@ -49,6 +49,9 @@ SHUTDOWN_MESSAGE = ("the coordinator is shutting down: reconnect (to another rep
 class ServerOptions:
     listen: str = "127.0.0.1:7420"
     http_listen: str | None = "127.0.0.1:7421"
+    # The base of token completion URLs: where clients reach the HTTP port
+    # (a proxy, a public name). None: http://<http_listen>.
+    public_url: str | None = None
     auth: bool = True
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     # How long a revoked key may keep working: the key cache's TTL and how
@@ -64,7 +67,7 @@ class Coordinator:
         self.options = options
         self.engine = Engine(store, options.engine)
         self._server: grpc.aio.Server | None = None
-        self._http: asyncio.Server | None = None
+        self._http: HttpServer | None = None
         self._health: health.aio.HealthServicer | None = None
         self._revoked_keys: RevokedKeySweep | None = None
         self.port = 0
@@ -82,7 +85,9 @@ class Coordinator:
             options=[("grpc.max_receive_message_length", 16 * 1024 * 1024),
                      ("grpc.so_reuseport", 0)])
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(self.engine), server)
-        run_pb2_grpc.add_RunServiceServicer_to_server(RunService(self.engine), server)
+        public_url = self.options.public_url or f"http://{self.options.http_listen}"
+        run_pb2_grpc.add_RunServiceServicer_to_server(RunService(self.engine, public_url),
+                                                      server)
         system_pb2_grpc.add_SystemServiceServicer_to_server(SystemService(), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -98,7 +103,8 @@ class Coordinator:
         self._server = server
         if self.options.http_listen:
             host, _, port = self.options.http_listen.rpartition(":")
-            self._http = await start_http(host or "127.0.0.1", int(port))
+            self._http = HttpServer(self.engine, host or "127.0.0.1", int(port))
+            await self._http.start()
 
     async def stop(self, drain: float = SHUTDOWN_DRAIN) -> None:
         """Shut down, in this order: refuse new calls (new sessions too) and
@@ -108,7 +114,7 @@ class Coordinator:
         reconnects (to another replica, or here after a restart) and adopts
         its leases; one nobody adopts is lost after the lease TTL."""
         if self._http is not None:
-            self._http.close()
+            await self._http.stop()
         if self._revoked_keys is not None:
             await self._revoked_keys.stop()
         if self._server is not None:

@@ -154,6 +154,7 @@ async def _dev(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], l
     store = await open_store(f"sqlite:///{args.db}")
     listen = f"127.0.0.1:{args.port}"
     options = ServerOptions(listen=listen, http_listen=f"127.0.0.1:{args.http_port}",
+                            public_url=args.public_url or None,
                             auth=False, engine=_config(args))
     print(f"ratchet dev: coordinator on {listen}, store {args.db}; auth is OFF "
           "(development mode, loopback only)", file=sys.stderr)
@@ -164,5 +165,6 @@ async def _dev(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], l
 async def _server(args: argparse.Namespace) -> int:
     store = await open_store(args.database_url)
     options = ServerOptions(listen=args.listen, http_listen=args.http_listen, auth=True,
+                            public_url=args.public_url or None,
                             engine=_config(args), key_cache=args.key_cache)
     return await _serve(store, options)

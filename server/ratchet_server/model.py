@@ -52,6 +52,8 @@ class StepStatus(enum.StrEnum):
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
+    # A token step whose token timed out: the task decides what that means.
+    TIMED_OUT = "TIMED_OUT"
 
 
 class StepEvent(enum.StrEnum):
@@ -369,3 +371,58 @@ class WaitResolution:
 # those steps by key, now) -> bool. The engine's rule, called by the store
 # inside the transaction that holds the run's row lock.
 WakeRule = Callable[[Sequence[str], Mapping[str, Step], float], bool]
+
+
+class TokenStatus(enum.StrEnum):
+    WAITING = "WAITING"
+    COMPLETED = "COMPLETED"
+    # Never stored: a WAITING token past its expires_at reads so.
+    TIMED_OUT = "TIMED_OUT"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Token:
+    """A wait token created outside any run (CreateToken), as stored: its
+    status is WAITING or COMPLETED (policy.token_status derives TIMED_OUT)."""
+
+    id: str
+    env: str
+    secret: str
+    status: TokenStatus
+    data: str | None
+    tags: tuple[str, ...]
+    idempotency_key: str | None
+    created_at: float
+    expires_at: float | None
+    completed_at: float | None
+    # The run waiting on it, and its token step, once one does.
+    run_id: str | None = None
+    step_key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenFilter:
+    env: str
+    run_id: str | None = None
+    statuses: tuple[TokenStatus, ...] = ()
+    tags: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenCompletion:
+    """What completing a token did (the store reports, the engine explains):
+    whether it completed, the token as last read, whether its run was queued,
+    and, for a token a run waits on, the run's status and the token step."""
+
+    completed: bool
+    token: Token
+    woken: bool = False
+    run_status: RunStatus | None = None
+    step: Step | None = None
+
+
+# How a run's wait on an existing token starts: (the token locked under the
+# run's row, or None if unknown in the environment; now) -> the step write to
+# record (RUNNING, COMPLETED with the data, or TIMED_OUT), or the reason the
+# wait is refused. The engine's rule, called by the store in the transaction.
+TokenWaitRule = Callable[[Token | None, float], "StepWrite | str"]

@@ -34,6 +34,10 @@ EXPECTED_COLUMNS = {
         "max_duration", "updated_at", "handles_final_error",
     },
     "api_keys": {"id", "env", "role", "name", "key_hash", "created_at", "revoked_at"},
+    "tokens": {
+        "id", "env", "secret", "status", "data", "tags", "idempotency_key", "created_at",
+        "expires_at", "completed_at", "run_id", "step_key",
+    },
     "ratchet_migrations": {"version", "name", "applied_at"},
 }
 
@@ -58,7 +62,7 @@ def columns_written_by_sql() -> dict[str, set[str]]:
 def test_expected_columns_cover_every_insert_in_sql() -> None:
     written = columns_written_by_sql()
     assert set(written) == {"api_keys", "tasks", "runs", "steps", "run_events",
-                            "ratchet_migrations"}
+                            "ratchet_migrations", "tokens"}
     for table, cols in written.items():
         assert cols <= EXPECTED_COLUMNS[table], table
 

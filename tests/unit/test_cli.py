@@ -68,7 +68,7 @@ def test_migrate_an_sqlite_file(tmp_path: Path) -> None:
     first = ratchet("migrate", "--database-url", url)
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == ("applied: 0001_init.sql, 0002_waits.sql, 0003_history.sql, "
-                                    "0004_step_state.sql, 0006_lease_losses.sql")
+                                    "0004_step_state.sql, 0005_tokens.sql, 0006_lease_losses.sql")
     second = ratchet("migrate", "--database-url", url)
     assert second.returncode == 0 and second.stdout.strip() == "schema is up to date"
 

@@ -21,6 +21,8 @@ RUN_STATUS_FROM_PB = {v: k for k, v in RUN_STATUS_TO_PB.items()}
 STEP_KIND_TO_PB = {k: getattr(common_pb2, f"STEP_KIND_{k.name}") for k in model.StepKind}
 STEP_KIND_FROM_PB = {v: k for k, v in STEP_KIND_TO_PB.items()}
 STEP_STATUS_TO_PB = {s: getattr(common_pb2, f"STEP_STATUS_{s.name}") for s in model.StepStatus}
+TOKEN_STATUS_TO_PB = {s: getattr(run_pb2, f"TOKEN_STATUS_{s.name}") for s in model.TokenStatus}
+TOKEN_STATUS_FROM_PB = {v: k for k, v in TOKEN_STATUS_TO_PB.items()}
 STEP_EVENT_FROM_PB = {
     getattr(worker_pb2, f"STEP_EVENT_{e.name}"): e for e in model.StepEvent
 }
@@ -245,3 +247,13 @@ def check_strings(message: Any) -> None:
 def _check_text(name: str, value: str) -> None:
     if "\x00" in value:
         raise errors.InvalidArgument(f"{name} must not contain NUL characters (\\x00)")
+
+
+def token_to_pb(token: model.Token, status: model.TokenStatus, url: str = "") -> run_pb2.Token:
+    """A token as a message; `status` as the engine reads it now, `url` only
+    where the caller may see it (CreateToken, GetToken)."""
+    return run_pb2.Token(
+        id=token.id, status=TOKEN_STATUS_TO_PB[status], url=url, tags=list(token.tags),
+        idempotency_key=token.idempotency_key or "", created_at=ts(token.created_at),
+        expires_at=ts(token.expires_at), completed_at=ts(token.completed_at),
+        data=_utf8(token.data), run_id=token.run_id or "", step_key=token.step_key or "")

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -21,10 +22,10 @@ from ratchet.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, __version__, model
+from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, __version__, model, web
 from ratchet_server.api import auth, convert, status
 from ratchet_server.api.status import code_for
-from ratchet_server.engine import errors
+from ratchet_server.engine import errors, policy
 from ratchet_server.engine.engine import CancelPush, EndPush, Engine, LeasePush
 from ratchet_server.engine.engine import Session as WorkerSession
 from ratchet_server.store import StoreUnavailable
@@ -55,8 +56,10 @@ def _unary(
 
 
 class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, public_url: str = "") -> None:
         self._engine = engine
+        # Where the coordinator's HTTP port is reached from outside (token URLs).
+        self._public_url = public_url
 
     @_unary
     async def Trigger(self, request: Any, context: Any) -> run_pb2.TriggerResponse:
@@ -147,6 +150,37 @@ class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
             auth.principal().env, request.token_id, request.data)
         return run_pb2.CompleteTokenResponse(completed=completed, run_id=run_id,
                                              message=message)
+
+    @_unary
+    async def CreateToken(self, request: Any, context: Any) -> run_pb2.CreateTokenResponse:
+        token, created = await self._engine.create_token(
+            auth.principal().env,
+            timeout=convert.from_dur(request.timeout, request.HasField("timeout")),
+            idempotency_key=request.idempotency_key, tags=tuple(request.tags))
+        return run_pb2.CreateTokenResponse(token=self._token(token, with_url=True),
+                                           created=created)
+
+    @_unary
+    async def GetToken(self, request: Any, context: Any) -> run_pb2.GetTokenResponse:
+        token = await self._engine.get_token(auth.principal().env, request.token_id)
+        return run_pb2.GetTokenResponse(token=self._token(token, with_url=True))
+
+    @_unary
+    async def ListTokens(self, request: Any, context: Any) -> run_pb2.ListTokensResponse:
+        try:
+            statuses = tuple(convert.TOKEN_STATUS_FROM_PB[s] for s in request.statuses)
+        except KeyError:
+            raise errors.InvalidArgument("unknown token status in filter") from None
+        flt = model.TokenFilter(env=auth.principal().env, run_id=request.run_id or None,
+                                statuses=statuses, tags=tuple(request.tags))
+        tokens, page = await self._engine.list_tokens(flt, request.page_size,
+                                                      request.page_token)
+        return run_pb2.ListTokensResponse(tokens=[self._token(t) for t in tokens],
+                                          next_page_token=page)
+
+    def _token(self, token: model.Token, *, with_url: bool = False) -> run_pb2.Token:
+        url = web.token_url(self._public_url, token.id, token.secret) if with_url else ""
+        return convert.token_to_pb(token, policy.token_status(token, time.time()), url)
 
 
 class SystemService(system_pb2_grpc.SystemServiceServicer):  # type: ignore[misc]
@@ -315,6 +349,15 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):  # type: ignore[misc
         kind = convert.STEP_KIND_FROM_PB.get(cp.kind or 1)
         if event is None or kind is None:
             raise errors.InvalidArgument("checkpoint needs a known event and step kind")
+        if cp.existing_token:
+            if kind is not model.StepKind.TOKEN or event is not model.StepEvent.STARTED:
+                raise errors.InvalidArgument("existing_token is for a STARTED token step")
+            await self._engine.wait_on_token(
+                session, run_id=cp.run_id, lease_id=cp.lease_id, key=cp.step_key,
+                attempt=cp.attempt, retry_base=cp.retry_base, token_id=cp.token_id,
+                started_at=convert.from_ts(cp.started_at, cp.HasField("started_at")),
+                state=cp.state if cp.HasField("state") else None)
+            return
         await self._engine.checkpoint(
             session, run_id=cp.run_id, lease_id=cp.lease_id, key=cp.step_key, kind=kind,
             event=event, attempt=cp.attempt, retry_base=cp.retry_base,

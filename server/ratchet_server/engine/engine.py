@@ -34,6 +34,7 @@ from ratchet_server.engine.core import (
 from ratchet_server.engine.leases import LeasesMixin
 from ratchet_server.engine.runs import RunsMixin
 from ratchet_server.engine.sessions import SessionsMixin
+from ratchet_server.engine.tokens import TokensMixin
 from ratchet_server.store import Store
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 
-class Engine(RunsMixin, SessionsMixin, LeasesMixin, timers.TimersMixin):
+class Engine(TokensMixin, RunsMixin, SessionsMixin, LeasesMixin, timers.TimersMixin):
     """The coordinator's rules: one object, one part per concern (core.py)."""
 
     def __init__(self, store: Store, config: EngineConfig | None = None) -> None:

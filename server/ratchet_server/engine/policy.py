@@ -212,8 +212,10 @@ def timer_outcome(step: model.Step, now: float) -> model.WaitResolution:
             events=(model.Event(run_id=step.run_id, type=model.EventType.WAIT_COMPLETED,
                                 at=now, step_key=step.key),))
     if step.kind is model.StepKind.TOKEN:
+        # TIMED_OUT, not FAILED: the task decides whether a timeout is a
+        # failure (wait_for_token raises, or returns it as a value).
         return model.WaitResolution(
-            run_id=step.run_id, key=step.key, status=model.StepStatus.FAILED,
+            run_id=step.run_id, key=step.key, status=model.StepStatus.TIMED_OUT,
             error=TOKEN_TIMEOUT, finished_at=now, expect_wake_at=fence,
             events=(model.Event(run_id=step.run_id, type=model.EventType.WAIT_COMPLETED,
                                 at=now, step_key=step.key,
@@ -232,6 +234,51 @@ def token_outcome(step: model.Step, data: str, now: float) -> model.WaitResoluti
         finished_at=now,
         events=(model.Event(run_id=step.run_id, type=model.EventType.WAIT_COMPLETED, at=now,
                             step_key=step.key, data=json.dumps({"token_id": step.token_id})),))
+
+
+def token_status(token: model.Token, now: float) -> model.TokenStatus:
+    """A token's status now: a WAITING token past its timeout has timed out
+    (whether or not a run's timer has fired on it yet)."""
+    if (token.status is model.TokenStatus.WAITING and token.expires_at is not None
+            and token.expires_at <= now):
+        return model.TokenStatus.TIMED_OUT
+    return token.status
+
+
+def token_wait(base: model.StepWrite) -> model.TokenWaitRule:
+    """How a run's wait on an existing token (CreateToken) starts, decided
+    under the run's and the token's row locks: refused for a token unknown in
+    the environment or waited on by another step; otherwise the token step is
+    recorded RUNNING until the token's own timeout, or at once COMPLETED with
+    the data of a token completed earlier (the run resumes with it as soon as
+    it suspends), or TIMED_OUT for a token past its timeout."""
+    def rule(token: model.Token | None, now: float) -> model.StepWrite | str:
+        if token is None:
+            return f"token {base.token_id!r} not found"
+        if token.run_id is not None and (token.run_id, token.step_key) != (base.run_id,
+                                                                            base.key):
+            return (f"token {token.id!r} is already waited on by run {token.run_id!r} "
+                    f"(step {token.step_key!r}); a token wakes one run")
+        status = token_status(token, now)
+        if status is model.TokenStatus.COMPLETED:
+            return dataclasses.replace(
+                base, status=model.StepStatus.COMPLETED, output=token.data or "null",
+                finished_at=now, wake_at=None,
+                events=(model.Event(run_id=base.run_id, type=model.EventType.WAIT_COMPLETED,
+                                    at=now, step_key=base.key,
+                                    data=json.dumps({"token_id": token.id,
+                                                     "completed_before_wait": True})),))
+        if status is model.TokenStatus.TIMED_OUT:
+            return dataclasses.replace(
+                base, status=model.StepStatus.TIMED_OUT, error=TOKEN_TIMEOUT,
+                finished_at=now, wake_at=None,
+                events=(model.Event(run_id=base.run_id, type=model.EventType.WAIT_COMPLETED,
+                                    at=now, step_key=base.key,
+                                    data=json.dumps({"token_id": token.id,
+                                                     "timed_out": True})),))
+        return dataclasses.replace(base, status=model.StepStatus.RUNNING,
+                                   wake_at=token.expires_at)
+    return rule
 
 
 def child_results(children: Sequence[model.Run]) -> str | None:

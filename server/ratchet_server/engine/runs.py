@@ -191,5 +191,6 @@ class RunsMixin(core.EngineBase):
             found = await self.store.find_token(env, token_id)
             assert found is not None
             step = found[0]
-        why = "timed out" if step.status is model.StepStatus.FAILED else "already completed"
+        why = "timed out" if step.status in (model.StepStatus.FAILED,
+                                             model.StepStatus.TIMED_OUT) else "already completed"
         return False, step.run_id, f"the token was {why}; nothing changed"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ratchet_server import model
-from ratchet_server.store import _dialect, _rows, _runs, _waits, _writes
+from ratchet_server.store import _dialect, _rows, _runs, _tokens, _waits, _writes
 
 T = TypeVar("T")
 
@@ -369,6 +369,45 @@ class SqlStore(abc.ABC):
     ) -> tuple[model.Step, model.RunStatus] | None:
         return await self._run(
             lambda conn: _waits.find_token_txn(conn, self.dialect, env, token_id))
+
+    # --- wait tokens created outside runs (_tokens.py) --------------------------
+
+    async def create_token(self, token: model.Token) -> tuple[model.Token, bool]:
+        return await self._run(lambda c: _tokens.create_token_txn(c, self.dialect, token))
+
+    async def get_token(self, env: str | None, token_id: str) -> model.Token | None:
+        return await self._run(lambda c: _tokens.get_token_txn(c, self.dialect, env, token_id))
+
+    async def list_tokens(self, flt: model.TokenFilter, limit: int,
+                          cursor: tuple[float, str] | None) -> list[model.Token]:
+        now = time.time()
+        return await self._run(
+            lambda c: _tokens.list_tokens_txn(c, self.dialect, flt, limit, cursor, now))
+
+    async def wait_on_token(self, write: model.StepWrite,
+                            rule: model.TokenWaitRule) -> bool | str:
+        try:
+            return await self._run(lambda c: _tokens.wait_on_token_txn(
+                c, self.dialect, write, rule, time.time()))
+        except _tokens.Undo as undone:
+            return str(undone.result)
+
+    async def complete_token(
+        self, env: str, token_id: str, data: str,
+        outcome: Callable[[model.Step], model.WaitResolution], rule: model.WakeRule,
+    ) -> model.TokenCompletion | None:
+        def txn(conn: Any) -> model.TokenCompletion | None:
+            done = _tokens.complete_token_txn(conn, self.dialect, env, token_id, data,
+                                              time.time(), outcome, rule)
+            if done is not None and done.woken:
+                self._notify_txn(conn, {"*"})
+            return done
+
+        try:
+            return await self._run(txn)
+        except _tokens.Undo as undone:
+            result: model.TokenCompletion = undone.result
+            return result
 
     async def resolve_waits(
         self, resolutions: Sequence[model.WaitResolution], rule: model.WakeRule

@@ -82,6 +82,27 @@ class Store(Protocol):
     async def child_wait_candidates(
         self, limit: int
     ) -> list[tuple[str, str, list[model.Run]]]: ...
+    async def create_token(self, token: model.Token) -> tuple[model.Token, bool]:
+        """Insert a token, or return the one with its idempotency key (created False)."""
+        ...
+    async def get_token(self, env: str | None, token_id: str) -> model.Token | None:
+        """A token by id, in `env` (None: in any environment, for its URL)."""
+        ...
+    async def list_tokens(self, flt: model.TokenFilter, limit: int,
+                          cursor: tuple[float, str] | None) -> list[model.Token]: ...
+    async def wait_on_token(self, write: model.StepWrite,
+                            rule: model.TokenWaitRule) -> bool | str:
+        """A run starts waiting on an existing token: under the lease's fence
+        and the token's row lock, record the step the rule returns. False for
+        a stale lease, the rule's refusal as a string."""
+        ...
+    async def complete_token(
+        self, env: str, token_id: str, data: str,
+        outcome: Callable[[model.Step], model.WaitResolution], rule: model.WakeRule,
+    ) -> model.TokenCompletion | None:
+        """Complete a token created with create_token (None if unknown), and
+        the step of the run waiting on it (`outcome`), waking the run by `rule`."""
+        ...
     async def find_token(
         self, env: str, token_id: str
     ) -> tuple[model.Step, model.RunStatus] | None: ...

@@ -460,3 +460,68 @@ WHERE id = :run_id AND status = 'WAITING'
 -- name: repair_running
 UPDATE runs SET lease_expires_at = :now, updated_at = :now
 WHERE id = :run_id AND status = 'RUNNING' AND lease_expires_at IS NULL
+
+-- name: insert_token
+-- Wait tokens created outside any run (store/_tokens.py). Lock order: a
+-- token row is locked after its run's row, never before one.
+INSERT INTO tokens (id, env, secret, status, data, tags, idempotency_key, created_at,
+                    expires_at, completed_at, run_id, step_key)
+VALUES (:id, :env, :secret, 'WAITING', NULL, :tags, :idempotency_key, :created_at,
+        :expires_at, NULL, NULL, NULL)
+ON CONFLICT DO NOTHING
+
+-- name: select_token
+SELECT * FROM tokens WHERE id = :id AND env = :env
+
+-- name: select_token_any_env
+-- The HTTP completion URL names no environment: ids are unique everywhere.
+SELECT * FROM tokens WHERE id = :id
+
+-- name: select_token_by_key
+SELECT * FROM tokens WHERE env = :env AND idempotency_key = :idempotency_key
+
+-- name: lock_token
+SELECT * FROM tokens WHERE id = :id AND env = :env {for_update}
+
+-- name: link_token
+-- The first run to wait on a token is recorded on it.
+UPDATE tokens SET run_id = :run_id, step_key = :step_key
+WHERE id = :id AND run_id IS NULL
+
+-- name: complete_token
+-- Completes a token still pending (not past its timeout) whose waiting run is
+-- still the one the caller locked (or, with :run_id NULL, that has none).
+UPDATE tokens SET status = 'COMPLETED', data = :data, completed_at = :now
+WHERE id = :id AND env = :env AND status = 'WAITING'
+  AND (expires_at IS NULL OR expires_at > :now)
+  AND ((CAST(:run_id AS TEXT) IS NULL AND run_id IS NULL) OR run_id = :run_id)
+
+-- name: list_tokens
+SELECT * FROM tokens
+WHERE env = :env {filters}
+ORDER BY created_at DESC, id DESC
+LIMIT :limit
+
+-- name: token_filter_run
+AND run_id = :run_id
+
+-- name: token_filter_statuses
+AND ({statuses})
+
+-- name: token_status_waiting
+(status = 'WAITING' AND (expires_at IS NULL OR expires_at > :now))
+
+-- name: token_status_completed
+status = 'COMPLETED'
+
+-- name: token_status_timed_out
+(status = 'WAITING' AND expires_at <= :now)
+
+-- name: token_filter_tag@sqlite
+AND EXISTS (SELECT 1 FROM json_each(tokens.tags) WHERE value = {param})
+
+-- name: token_filter_tag@postgres
+AND CAST(tokens.tags AS jsonb) ? {param}
+
+-- name: token_filter_cursor
+AND (created_at < :c_at OR (created_at = :c_at AND id < :c_id))

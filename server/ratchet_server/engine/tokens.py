@@ -1,0 +1,148 @@
+"""Wait tokens from anywhere: created by a client (CreateToken) outside any
+run, passed to a run as data, waited on there, completed with CompleteToken
+or over HTTP on the token's URL.
+
+Tokens a run creates itself (ctx.create_token) are token steps and stay
+with RunsMixin; completing a token tries this table first, then those.
+Where the rules meet the row locks (the store's _tokens.py): a run's wait on
+a token is decided by `policy.token_wait` under the run's row lock and then
+the token's; a completion locks the waiting run first too.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+
+from ratchet_server import model
+from ratchet_server.engine import errors, ids, policy, validate
+from ratchet_server.engine.core import MAX_PAYLOAD_BYTES, Session, decode_json
+from ratchet_server.engine.runs import RunsMixin
+
+MAX_IDEMPOTENCY_KEY = 256
+
+
+class TokensMixin(RunsMixin):
+    """CreateToken, GetToken, ListTokens, a run's wait on a created token,
+    and completing one (by id, or by the secret in its URL)."""
+
+    async def create_token(
+        self, env: str, *, timeout: float | None, idempotency_key: str,
+        tags: tuple[str, ...],
+    ) -> tuple[model.Token, bool]:
+        """A new WAITING token, or the one `idempotency_key` already names."""
+        validate.duration(timeout, "timeout")
+        validate.tags(tags)
+        validate.text(idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY)
+        now = time.time()
+        token = model.Token(
+            id=ids.new_id("tok"), env=env, secret=secrets.token_urlsafe(32),
+            status=model.TokenStatus.WAITING, data=None, tags=tuple(tags),
+            idempotency_key=idempotency_key or None, created_at=now,
+            expires_at=None if timeout is None else now + timeout, completed_at=None)
+        return await self.store.create_token(token)
+
+    async def get_token(self, env: str, token_id: str) -> model.Token:
+        token = await self.store.get_token(env, token_id) if token_id else None
+        if token is None:
+            raise errors.NotFound(f"token {token_id!r} not found")
+        return token
+
+    async def list_tokens(self, flt: model.TokenFilter, page_size: int,
+                          page_token: str) -> tuple[list[model.Token], str]:
+        validate.tags(flt.tags)
+        if flt.run_id:
+            validate.text(flt.run_id, "run_id")
+        limit = min(max(page_size or 50, 1), 1000)
+        cursor = validate.list_page_token(page_token)
+        tokens = await self.store.list_tokens(flt, limit + 1, cursor)
+        if len(tokens) <= limit:
+            return tokens, ""
+        last = tokens[limit - 1]
+        return tokens[:limit], f"{last.created_at!r}|{last.id}"
+
+    async def wait_on_token(
+        self, session: Session, *, run_id: str, lease_id: str, key: str, attempt: int,
+        retry_base: int, token_id: str, started_at: float | None, state: bytes | None,
+    ) -> None:
+        """A run under lease starts waiting on a token created outside it
+        (Checkpoint.existing_token). Raises StaleLease, InvalidArgument (an
+        unknown token, or one another run waits on)."""
+        if not key:
+            raise errors.InvalidArgument("step_key must not be empty")
+        if attempt < 1:
+            raise errors.InvalidArgument("attempt is 1-based")
+        if not token_id:
+            raise errors.InvalidArgument("a token step needs a token_id")
+        base = model.StepWrite(
+            run_id=run_id, lease_id=lease_id, key=key, kind=model.StepKind.TOKEN,
+            status=model.StepStatus.RUNNING, attempt=attempt, retry_base=retry_base,
+            output=None, error=None, started_at=started_at, finished_at=None,
+            state=self._state(state), token_id=token_id, env=session.env, owner=session.id,
+            events=())
+        done = await self.store.wait_on_token(base, policy.token_wait(base))
+        if isinstance(done, str):
+            raise errors.InvalidArgument(done)
+        if not done:
+            self._forget_lease(lease_id)
+            raise errors.StaleLease(f"lease {lease_id!r} of run {run_id!r} is no longer current")
+
+    async def complete_token(self, env: str, token_id: str, data: bytes) -> tuple[bool, str, str]:
+        """Deliver data to a token; (completed, run id, why not). A token
+        created with CreateToken first, else a token a run created."""
+        text = decode_json(data or b"null", "data", MAX_PAYLOAD_BYTES)
+        done = await self._complete_created(env, token_id, text)
+        if done is None:
+            return await super().complete_token(env, token_id, data)
+        return done.completed, done.token.run_id or "", explain(done, time.time())
+
+    async def complete_token_url(self, token_id: str, secret: str,
+                                 data: bytes) -> tuple[model.TokenCompletion, str]:
+        """Complete a token by its URL: NotFound unless `secret` is the
+        token's (the same answer for an unknown id). The data is checked
+        after the secret, so a wrong secret learns nothing."""
+        token = await self.store.get_token(None, token_id) if token_id else None
+        if token is None or not hmac.compare_digest(token.secret.encode(), secret.encode()):
+            raise errors.NotFound("no such token URL")
+        text = decode_json(data or b"null", "data", MAX_PAYLOAD_BYTES)
+        done = await self._complete_created(token.env, token_id, text)
+        if done is None:  # deleted meanwhile: tokens are never deleted today
+            raise errors.NotFound("no such token URL")
+        return done, explain(done, time.time())
+
+    async def _complete_created(self, env: str, token_id: str,
+                                text: str) -> model.TokenCompletion | None:
+        if not token_id:
+            return None
+        now = time.time()
+        done = await self.store.complete_token(
+            env, token_id, text,
+            lambda step: policy.token_outcome(step, text, now), policy.counts_as_woken)
+        if done is not None and done.woken:
+            self._wake.set()
+        return done
+
+
+def status_of(done: model.TokenCompletion, now: float) -> model.TokenStatus:
+    """The token's status after a completion, as a caller is told it: a
+    token whose run's step timed out has timed out, whatever the clock."""
+    if done.step is not None and done.step.status in (model.StepStatus.TIMED_OUT,
+                                                       model.StepStatus.FAILED):
+        return model.TokenStatus.TIMED_OUT
+    return policy.token_status(done.token, now)
+
+
+def explain(done: model.TokenCompletion, now: float) -> str:
+    """Why a completion changed nothing ("" when it completed)."""
+    if done.completed:
+        return ""
+    status = status_of(done, now)
+    if status is model.TokenStatus.COMPLETED:
+        return "the token was already completed; nothing changed"
+    if status is model.TokenStatus.TIMED_OUT:
+        return "the token timed out; nothing changed"
+    if done.run_status is not None and done.run_status.is_final:
+        return (f"the run waiting on it is already {done.run_status.value}; "
+                "nothing changed")
+    return "the token could not be completed; nothing changed"
