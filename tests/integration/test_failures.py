@@ -21,10 +21,12 @@ async def test_fix_and_replay_from_the_last_checkpoint(cluster: Cluster, tmp_pat
     failed = await client.wait(run.id, timeout=30)
     assert failed.status == "FAILED" and failed.attempt == 2
     assert failed.error is not None and failed.error.step_key == "three"
+    # Run attempt 2 raised step three's recorded error again without calling it.
+    assert count_lines(tmp_path / "three") == 1
     shown = await run_cli_async("runs", "show", run.id, env=cluster.cli_env())
     assert "error in step three: KeyError" in shown.stdout
     [three] = [line for line in shown.stdout.splitlines() if line.startswith("└─")]
-    assert "✗" in three and "2 attempts" in three and "KeyError" in three
+    assert "✗" in three and "1 attempt" in three and "KeyError" in three
 
     broken.terminate()
     fixed = cluster.start_worker(slots=1, extra_env={"RATCHET_TEST_FIXED": "1"})
@@ -35,7 +37,10 @@ async def test_fix_and_replay_from_the_last_checkpoint(cluster: Cluster, tmp_pat
     assert final.status == "COMPLETED" and final.output == "fixed"
     assert final.error is None and final.attempt == 3
     assert count_lines(tmp_path / "one") == 1 and count_lines(tmp_path / "two") == 1
-    assert count_lines(tmp_path / "three") == 3  # two buggy attempts, then the fix
+    # The replay gave the FAILED step a fresh budget: the buggy attempt, then the fix.
+    assert count_lines(tmp_path / "three") == 2
+    [replayed] = [e for e in await client.history(run.id) if e.type == "replayed"]
+    assert replayed.data["rerun_steps"] == ["three"]
     history = [e.type for e in await client.history(run.id)]
     assert "replayed" in history and history[-1] == "finished"
     again = await run_cli_async("runs", "replay", run.id, env=cluster.cli_env())
