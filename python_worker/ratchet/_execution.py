@@ -319,6 +319,10 @@ async def _catch_error(
         log.exception("run %s: the catch_error hook failed; keeping the policy's choice",
                       ctx.run_id)
         return error, None
+    except _saga.Finishing as exc:
+        log.error("run %s: the catch_error hook may not start durable calls (%s); keeping "
+                  "the policy's choice", ctx.run_id, exc.key)
+        return error, None
     if decision is None:
         return error, None
     now = time.time()

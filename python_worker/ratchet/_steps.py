@@ -125,9 +125,13 @@ class Steps:
 
     def forward(self, key: str) -> None:
         """Called before a durable call that has not completed starts (or
-        resumes): in finishing mode, stop the task function instead."""
+        resumes): in finishing mode, stop the task function instead. Ratchet's
+        own steps (undos, on_failure), and calls made inside them (a hook
+        may use ratchet.retry.fetch), go on."""
         if self.finishing and not key.startswith(RESERVED):
-            raise Finishing(key)
+            inside = current_step.get()
+            if inside is None or not inside.startswith(RESERVED):
+                raise Finishing(key)
 
     async def settle(self) -> None:
         """Wait until no branch is executing durable work. With finishing set,

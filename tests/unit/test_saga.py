@@ -445,3 +445,34 @@ async def test_a_forced_replay_of_a_compensated_run_goes_forward_again() -> None
          completed("ratchet:undo:withdraw", None)], attempt=2))
     assert bank.calls == ["deposit"]
     assert session.outcome().WhichOneof("outcome") == "succeeded"
+
+
+async def test_hooks_and_undos_may_make_durable_calls_of_their_own() -> None:
+    """An undo or on_failure may call ctx.step (ratchet.retry.fetch does):
+    that is not a forward step, so finishing mode lets it run."""
+    calls: list[str] = []
+
+    async def noted(what: str) -> str:
+        calls.append(what)
+        return what
+
+    async def undo(output: str) -> None:
+        await ratchet.current_context().step("refund-call", noted, f"undo {output}")
+
+    async def on_failure(ctx: Context, error: ratchet.RunError) -> None:
+        await ctx.step("notify", noted, f"notify {error.type}")
+
+    async def catch_error(ctx: Context, error: ratchet.RunError) -> None:
+        await ctx.step("in-catch-error", noted, "catch_error step")
+
+    @ratchet.task(id="saga", on_failure=on_failure, catch_error=catch_error)
+    async def saga(ctx: Context, payload: Any) -> None:
+        await ctx.step("reserve", noted, "reserve", compensate=undo)
+        raise ValueError("nope")
+
+    session = await execute(saga, grant())
+    assert calls == ["reserve", "undo reserve", "notify ValueError"]
+    assert [k for k, _ in session.checkpoints()] == [
+        "reserve", "ratchet:failure", "refund-call", "ratchet:undo:reserve", "notify",
+        "ratchet:on_failure"]
+    assert session.outcome().failed.error.type == "ValueError"
