@@ -550,6 +550,11 @@ def render_run(run: Run) -> str:
         lines.append(f"error{where}: {run.error.type}: {run.error.message}")
         if run.status is RunStatus.FAILED and run.error.stack:
             lines.append("  " + run.error.stack.rstrip().splitlines()[-1])
-            lines.append(f"  (attempt {run.attempt}; `ratchet runs history {run.id}` shows "
-                         f"every try, `ratchet runs replay {run.id}` tries again)")
+            if any(s.key.startswith("ratchet:undo:") for s in run.steps):
+                lines.append(f"  (attempt {run.attempt}; compensated: its undo steps ran, so "
+                             f"`ratchet runs replay` needs --rerun-compensated; "
+                             f"`ratchet runs history {run.id}` shows every try)")
+            else:
+                lines.append(f"  (attempt {run.attempt}; `ratchet runs history {run.id}` "
+                             f"shows every try, `ratchet runs replay {run.id}` tries again)")
     return "\n".join(lines)

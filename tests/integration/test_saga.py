@@ -88,6 +88,8 @@ async def test_a_failed_deposit_is_refunded_once_and_the_run_fails_for_good(
     # Replaying a compensated run is refused, by the CLI (alone and in bulk)
     # and the client; nothing changes.
     env = cluster.cli_env()
+    shown = await run_cli_async("runs", "show", frozen.id, env=env)
+    assert "ratchet:undo:withdraw" in shown.stdout and "--rerun-compensated" in shown.stdout
     refused = await run_cli_async("runs", "replay", frozen.id, env=env)
     assert refused.returncode != 0
     assert "--rerun-compensated" in refused.stderr and "undo" in refused.stderr
