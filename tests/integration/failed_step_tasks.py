@@ -15,6 +15,7 @@ from typing import Any
 
 import ratchet
 
+
 def mark(directory: str, name: str) -> int:
     """Append this process's pid to directory/name; return how many lines it has now."""
     path = Path(directory) / name
