@@ -132,7 +132,7 @@ def requests(draw: st.DrawFn, pool: dict[str, list[str]]) -> tuple[str, Any]:
     run_ids = names(pool["runs"])
     rpc = draw(st.sampled_from(["Trigger", "BatchTrigger", "GetRun", "ListRuns", "CancelRun",
                                 "GetRunHistory", "ReplayRun", "RetryRun", "DiscardRun",
-                                "CompleteToken"]))
+                                "CompleteToken", "CreateToken", "GetToken", "ListTokens"]))
     if rpc == "Trigger":
         return rpc, run_pb2.TriggerRequest(task_id=draw(names(TASKS)),
                                            payload=draw(json_bytes),
@@ -176,6 +176,24 @@ def requests(draw: st.DrawFn, pool: dict[str, list[str]]) -> tuple[str, Any]:
         return rpc, run_pb2.RetryRunRequest(run_id=draw(run_ids), payload=draw(json_bytes))
     if rpc == "DiscardRun":
         return rpc, run_pb2.DiscardRunRequest(run_id=draw(run_ids))
+    if rpc == "CreateToken":
+        request = run_pb2.CreateTokenRequest(
+            idempotency_key=draw(st.one_of(st.just(""), odd_text, st.just("k" * 300))),
+            tags=draw(st.lists(odd_text, max_size=4) | st.just(["t"] * 70)))
+        timeout = draw(durations)
+        if timeout is not None:
+            request.timeout.CopyFrom(timeout)
+        return rpc, request
+    if rpc == "GetToken":
+        return rpc, run_pb2.GetTokenRequest(token_id=draw(names(pool["tokens"])))
+    if rpc == "ListTokens":
+        return rpc, run_pb2.ListTokensRequest(
+            run_id=draw(st.one_of(st.just(""), run_ids)), statuses=draw(statuses()),
+            tags=draw(st.lists(odd_text, max_size=3)),
+            page_size=draw(st.integers(0, 2**32 - 1)),
+            page_token=draw(st.one_of(
+                st.just(""), odd_text,
+                st.sampled_from(["nan|x", "inf|x", "1e400|x", "9" * 400 + "|x"]))))
     return rpc, run_pb2.CompleteTokenRequest(token_id=draw(names(pool["tokens"])),
                                              data=draw(json_bytes))
 
@@ -250,6 +268,12 @@ def fuzz(driver: Driver, pool: dict[str, list[str]]) -> None:
                 assert code == grpc.StatusCode.OK, details
                 if run.id not in pool["runs"]:
                     pool["runs"].append(run.id)
+            if rpc == "CreateToken":
+                # Whatever was created reads back, and can be completed later.
+                code, _, details = driver.call("GetToken", run_pb2.GetTokenRequest(
+                    token_id=reply.token.id))
+                assert code == grpc.StatusCode.OK, details
+                pool["tokens"].append(reply.token.id)
         state["runs"] = after
 
     one()
