@@ -105,7 +105,7 @@ def test_rerun_failed_steps_round_trips_through_the_protocol_and_the_store_row()
 async def test_the_lease_carries_the_tasks_rerun_failed_steps(engine: Engine) -> None:
     _, run = await lease(engine, Retry(max_attempts=2, rerun_failed_steps=True))
     assert run.retry.rerun_failed_steps
-    grant = convert.lease_to_pb(model.LeasedRun(run=run, steps=[]), 30.0)
+    grant = convert.lease_to_pb(model.LeasedRun(run=run, steps=()), 30.0)
     assert grant.retry.rerun_failed_steps
 
 
