@@ -8,6 +8,7 @@ batched there), driven through in-process sessions as in test_engine.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
@@ -313,3 +314,29 @@ async def test_replay_clears_the_final_error_and_gives_a_fresh_loss_budget(
     assert replayed.status is model.RunStatus.QUEUED and replayed.final_error is None
     assert replayed.retry.max_lease_losses == 2 + 1
     await lose(engine, task, run.id)  # one more loss is allowed again
+
+
+async def test_a_finishing_lease_is_not_timed_out_by_the_max_duration(engine: Engine) -> None:
+    """The run has failed already; its finishing lease must be able to run the
+    compensations and the on_failure hook even past the run's max duration."""
+    task = dataclasses.replace(task_def(handles_final_error=True, max_lease_losses=1),
+                               max_duration=1.5)
+    run = await trigger(engine, task)
+    await lose(engine, task, run.id)
+    await lose(engine, task, run.id)
+    session, leased = await lease(engine, task)
+    assert leased.run.final_error is not None
+    started = leased.run.started_at
+    assert started is not None
+
+    async def past_the_deadline() -> bool:
+        return time.time() > started + 1.5 + 0.2  # a few timer sweeps (0.05 s) later
+
+    await eventually(past_the_deadline, "the max duration to pass")
+    assert await engine.store.time_out_runs(500, policy.MAX_DURATION_EXCEEDED) == []
+    assert (await get(engine, run.id)).status is model.RunStatus.RUNNING
+    await engine.complete_failure(session, run_id=run.id, lease_id=str(leased.run.lease_id),
+                                  state=None, error=leased.run.final_error)
+    failed = await get(engine, run.id)
+    assert failed.status is model.RunStatus.FAILED
+    assert failed.error == leased.run.final_error

@@ -228,11 +228,13 @@ WHERE id IN (
 RETURNING id, attempt
 
 -- name: time_out_runs
+-- A run on a finishing lease (final_error set) has failed already: it is left
+-- to run its compensations and on-failure hook.
 UPDATE runs SET status = 'TIMED_OUT', finished_at = :now, updated_at = :now,
                 lease_expires_at = NULL, error = :error
 WHERE id IN (
     SELECT id FROM runs
-    WHERE status IN ('RUNNING', 'WAITING') AND deadline_at <= :now
+    WHERE status IN ('RUNNING', 'WAITING') AND deadline_at <= :now AND final_error IS NULL
     LIMIT :limit
     {skip_locked}
 )
