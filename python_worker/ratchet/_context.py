@@ -205,6 +205,8 @@ class Context:
         step and its undo idempotent with `ctx.idempotency_key`. Step names
         starting with "ratchet:" are reserved.
         """
+        if compensate is not None and not callable(compensate):
+            raise TypeError(f"compensate= must be callable, got {compensate!r}")
         key = self._steps.key(name)
         value = await self._step(key, fn, args, kwargs, retry, executor)
         if compensate is not None:

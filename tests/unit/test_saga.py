@@ -476,3 +476,20 @@ async def test_hooks_and_undos_may_make_durable_calls_of_their_own() -> None:
         "reserve", "ratchet:failure", "refund-call", "ratchet:undo:reserve", "notify",
         "ratchet:on_failure"]
     assert session.outcome().failed.error.type == "ValueError"
+
+
+async def test_a_compensation_that_is_not_callable_is_refused_before_the_step_runs() -> None:
+    calls: list[str] = []
+
+    async def reserve() -> str:
+        calls.append("reserve")
+        return "x"
+
+    @ratchet.task(id="saga")
+    async def saga(ctx: Context, payload: Any) -> None:
+        await ctx.step("reserve", reserve, compensate="refund")  # type: ignore[arg-type]
+
+    session = await execute(saga, grant())
+    assert calls == [] and session.checkpoints() == []
+    error = session.outcome().failed.error
+    assert error.type == "TypeError" and "compensate= must be callable" in error.message
