@@ -340,3 +340,17 @@ async def test_a_finishing_lease_is_not_timed_out_by_the_max_duration(engine: En
     failed = await get(engine, run.id)
     assert failed.status is model.RunStatus.FAILED
     assert failed.error == leased.run.final_error
+
+
+def test_max_lease_losses_travels_from_the_sdk_to_the_coordinator() -> None:
+    from ratchet import _codec
+    from ratchet.v1 import common_pb2
+
+    sent = _codec.retry_to_pb(Retry(max_attempts=2, max_lease_losses=4))
+    assert sent.max_lease_losses == 4
+    assert convert.retry_from_pb(sent, Retry()).max_lease_losses == 4
+    # 0 (unset, an older SDK) means the coordinator's default, 10.
+    assert convert.retry_from_pb(common_pb2.RetryPolicy(), Retry()).max_lease_losses == 10
+    assert convert.retry_to_pb(Retry(max_lease_losses=7)).max_lease_losses == 7
+    with pytest.raises(ValueError, match="max_lease_losses must be at least 1"):
+        Retry(max_lease_losses=0)
