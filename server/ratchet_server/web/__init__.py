@@ -10,7 +10,7 @@ token created with CreateToken (no API key: the secret is the credential):
   nothing: the token was completed already (the same POST twice), timed
   out, or the run waiting on it has ended;
 - 404 for an unknown token or a wrong secret (the same answer for both);
-- 400 for a body that is not JSON, 413 for one over 4 MiB, 503 when the
+- 400 for a body that is not JSON, 413 for one over 1 MiB, 503 when the
   database cannot be reached.
 """
 
@@ -122,6 +122,8 @@ class HttpServer:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self._app, lifespan="off", log_config=None, access_log=False,
                                 timeout_graceful_shutdown=2)
+        # Its start and stop lines repeat what the coordinator logs itself.
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]),
                                          name="ratchet-http")
