@@ -230,6 +230,8 @@ async def test_completion_by_url_needs_the_secret(engine: Engine) -> None:
         await engine.complete_token_url(token.id, "wrong", b"1")
     with pytest.raises(errors.NotFound):
         await engine.complete_token_url("tok_nope", token.secret, b"1")
+    with pytest.raises(errors.NotFound):
+        await engine.complete_token_url("tok\x00", token.secret, b"1")
     with pytest.raises(errors.InvalidArgument):
         await engine.complete_token_url(token.id, token.secret, b"{not json")
     assert (await engine.get_token(ENV, token.id)).status is model.TokenStatus.WAITING

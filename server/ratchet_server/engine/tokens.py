@@ -102,7 +102,9 @@ class TokensMixin(RunsMixin):
         """Complete a token by its URL: NotFound unless `secret` is the
         token's (the same answer for an unknown id). The data is checked
         after the secret, so a wrong secret learns nothing."""
-        token = await self.store.get_token(None, token_id) if token_id else None
+        # A path may carry anything (%00 included): such an id names no token.
+        usable = token_id and len(token_id) <= validate.MAX_NAME and "\x00" not in token_id
+        token = await self.store.get_token(None, token_id) if usable else None
         if token is None or not hmac.compare_digest(token.secret.encode(), secret.encode()):
             raise errors.NotFound("no such token URL")
         text = decode_json(data or b"null", "data", MAX_PAYLOAD_BYTES)
