@@ -543,8 +543,11 @@ def check_history(run: ratchet.Run, events: list[ratchet.RunEvent]) -> list[str]
     if finishing and finishing[-1].data.get("status", run.status.value) != run.status.value:
         problems.append(f"{where} final entry says {finishing[-1].data.get('status')}, "
                         f"run is {run.status.value}")
-    # Step entries carry the step's attempt; the others the run's.
-    over = [e.attempt for e in events if not e.step_key and e.attempt > run.attempt]
+    # Step entries carry the step's attempt; the others the run's. A lost or
+    # released lease gives its attempt back, so a run that ends before its next
+    # lease (canceled while queued) may end one below such an entry's attempt.
+    over = [e.attempt for e in events if not e.step_key and e.attempt > run.attempt
+            and e.type not in ("lease_lost", "lease_released", "leased")]
     if over:
         problems.append(f"{where} attempts {over} above the run's {run.attempt}: "
                         + describe(events))
@@ -585,6 +588,7 @@ class Execution:
     attempt: int
     started: float
     finished: float
+    lease: str
 
 
 def read_executions(directory: Path) -> dict[str, list[Execution]]:
@@ -592,9 +596,9 @@ def read_executions(directory: Path) -> dict[str, list[Execution]]:
     for path in (directory / "runs").iterdir():
         rows = []
         for line in path.read_text().splitlines():
-            key, outcome, pid, attempt, started, finished = line.split()
+            key, outcome, pid, attempt, started, finished, lease = line.split()
             rows.append(Execution(key, outcome, int(pid), int(attempt), float(started),
-                                  float(finished)))
+                                  float(finished), lease))
         found[path.name] = rows
     return found
 
@@ -612,7 +616,7 @@ def check_executions(chaos: Chaos, report: Report, run: ratchet.Run,
             completed_at[e.step_key] = e.at.timestamp()
     lost_at = [e.at.timestamp() for e in events
                if e.type in ("lease_lost", "lease_released") and e.at is not None]
-    leases = [(e.at.timestamp(), e.attempt) for e in events
+    leases = [(e.at.timestamp(), e.lease_id or "") for e in events
               if e.type == "leased" and e.at is not None]
     by_key = collections.defaultdict(list)
     for row in rows:
@@ -644,11 +648,11 @@ def check_executions(chaos: Chaos, report: Report, run: ratchet.Run,
                     f"{again.pid} attempt {again.attempt} at {again.started:.3f}")
 
 
-def zombie(chaos: Chaos, again: Execution, leases: list[tuple[float, int]]) -> bool:
+def zombie(chaos: Chaos, again: Execution, leases: list[tuple[float, str]]) -> bool:
     """Whether `again` ran under a lease that was no longer current, in a worker a
     fault could have cut off from its coordinator."""
-    current = max((attempt for at, attempt in leases if at <= again.started), default=0)
-    if again.attempt >= current:
+    granted = [lease for at, lease in sorted(leases) if at <= again.started]
+    if not granted or again.lease == granted[-1]:
         return False
     for start, end, kind, pid in chaos.faults:
         if kind == "worker_stop" and pid == again.pid:
@@ -660,7 +664,7 @@ def zombie(chaos: Chaos, again: Execution, leases: list[tuple[float, int]]) -> b
 
 
 def explained(chaos: Chaos, before: Execution, again: Execution, lost_at: list[float]) -> bool:
-    if (before.pid, before.attempt) == (again.pid, again.attempt):
+    if before.lease == again.lease:
         return False  # the same lease ran the step twice
     for start, end, kind, pid in chaos.faults:
         if kind in ("worker_kill", "worker_stop", "unexpected_exit") and pid == before.pid:

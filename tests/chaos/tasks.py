@@ -16,16 +16,23 @@ from typing import Any
 
 import ratchet
 
-# Kills cost attempts (a lost lease is a failed attempt), so runs expected to
-# complete get far more attempts than the faults can use up.
+# Kills no longer cost attempts (a lost lease gives its attempt back and counts
+# towards max_lease_losses); runs expected to complete still get many attempts.
 PATIENT = ratchet.Retry(max_attempts=200, min_delay=0.05, max_delay=0.5)
 STEP_RETRY = ratchet.Retry(max_attempts=8, min_delay=0.05, max_delay=0.2)
 
 
 def record(directory: str, run_id: str, key: str, outcome: str, attempt: int,
            started: float) -> None:
-    """The side effect of one step execution: a line in the run's file (one write)."""
-    line = f"{key} {outcome} {os.getpid()} {attempt} {started:.6f} {time.time():.6f}\n"
+    """The side effect of one step execution: a line in the run's file (one write),
+    naming the lease it ran under (a lost lease gives its attempt back, so the
+    attempt alone no longer tells two leases apart)."""
+    try:
+        lease = ratchet.current_context()._lease_id
+    except Exception:
+        lease = "-"
+    line = (f"{key} {outcome} {os.getpid()} {attempt} {started:.6f} {time.time():.6f} "
+            f"{lease}\n")
     fd = os.open(Path(directory) / "runs" / run_id, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
                  0o644)
     try:
