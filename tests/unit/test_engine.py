@@ -22,7 +22,7 @@ from ratchet_server.engine.engine import (
     Session,
     TriggerSpec,
 )
-from ratchet_server.store import Store, open_store
+from ratchet_server.store import Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -42,16 +42,6 @@ def task_def(task_id: str = "t", *, retry: Retry | None = None,
 
 def spec(task_id: str = "t", payload: bytes = b'{"n": 1}', **kwargs: object) -> TriggerSpec:
     return TriggerSpec(task_id=task_id, payload=payload, **kwargs)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    s = await open_store("sqlite://:memory:")
-    await s.migrate()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def stop(engine: Engine) -> None:

@@ -16,7 +16,7 @@ from ratchet_server import model
 from ratchet_server.api import convert
 from ratchet_server.engine import errors, policy
 from ratchet_server.engine.engine import Engine, EngineConfig, LeasePush, Session, TriggerSpec
-from ratchet_server.store import Store, open_store
+from ratchet_server.store import Store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -27,16 +27,6 @@ ONE_ATTEMPT = Retry(max_attempts=1, min_delay=0.0, max_delay=0.0)
 def task_def(retry: Retry = ONE_ATTEMPT) -> model.TaskDef:
     return model.TaskDef(env=ENV, id="t", version="1", queue="t", retry=retry,
                          payload_schema=None, output_schema=None, max_duration=None)
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    s = await open_store("sqlite://:memory:")
-    await s.migrate()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture

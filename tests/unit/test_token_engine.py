@@ -16,21 +16,11 @@ from ratchet_server import model
 from ratchet_server.engine import errors, policy
 from ratchet_server.engine.engine import Engine, EngineConfig, Session, TriggerSpec
 from ratchet_server.engine.ids import new_id
-from ratchet_server.store import Store, open_store
+from ratchet_server.store import Store
 
 pytestmark = pytest.mark.timeout(30)
 
 ENV = "dev"
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    s = await open_store("sqlite://:memory:")
-    await s.migrate()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture
