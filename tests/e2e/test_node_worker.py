@@ -150,7 +150,8 @@ async def test_sigkill_during_step_two_resumes_on_another_worker(
     assert lines(work / "two") == [str(holder.pid), str(other.pid)]
     assert lines(work / "three") == [str(other.pid)]
     final = await client.get(run.id)
-    assert final.attempt == 2  # the killed worker's lease counted as an attempt
+    # The killed worker's lease is a lost lease: it gives its attempt back.
+    assert (final.attempt, final.lease_losses) == (1, 1)
     assert [(s.key, s.output) for s in final.steps] == [("one", 11), ("two", 12), ("three", 13)]
 
 
@@ -201,7 +202,7 @@ async def test_stale_lease_checkpoint_is_refused(
     assert "FAILED_PRECONDITION" in lost
     final = await client.get(run.id)
     assert final.status == "COMPLETED" and final.output == {"sum": 3, "pid": second.pid}
-    assert final.attempt == 2
+    assert (final.attempt, final.lease_losses) == (1, 1)  # the stopped worker's lease was lost
     assert lines(work / "one") == [str(first.pid)]
     assert lines(work / "two") == [str(first.pid), str(second.pid)]
     assert lines(work / "three") == [str(second.pid)]
