@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,8 +13,7 @@ from ratchet import Context, Retry
 from ratchet.v1 import common_pb2, worker_pb2
 from ratchet_server import model
 from ratchet_server.engine import errors
-from ratchet_server.engine.engine import Engine, EngineConfig, Session, TriggerSpec
-from ratchet_server.store import open_store
+from ratchet_server.engine.engine import Engine, Session, TriggerSpec
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -116,20 +114,6 @@ async def test_a_resumed_run_measures_a_pending_sleep_on_the_coordinators_clock(
 
 
 # --- the coordinator adds them to its own clock ----------------------------------------
-
-
-@pytest.fixture
-async def engine() -> AsyncIterator[Engine]:
-    store = await open_store("sqlite://:memory:")
-    await store.migrate()
-    e = Engine(store, EngineConfig(lease_ttl=30.0, heartbeat_interval=5.0, session_grace=0.05,
-                                   reap_interval=0.05))
-    await e.start()
-    try:
-        yield e
-    finally:
-        await asyncio.wait_for(e.stop(), 5.0)
-        await store.close()
 
 
 async def leased(engine: Engine) -> tuple[Session, model.Run]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -46,17 +46,6 @@ def spec(task_id: str = "t", payload: bytes = b'{"n": 1}', **kwargs: object) -> 
 
 async def stop(engine: Engine) -> None:
     await asyncio.wait_for(engine.stop(), 5.0)
-
-
-@pytest.fixture
-async def engine(store: Store) -> AsyncIterator[Engine]:
-    e = Engine(store, EngineConfig(lease_ttl=30.0, heartbeat_interval=5.0, session_grace=0.05,
-                                   reap_interval=0.05))
-    await e.start()
-    try:
-        yield e
-    finally:
-        await stop(e)
 
 
 async def trigger_one(engine: Engine, *args: object, **kwargs: object) -> model.Run:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -15,8 +14,7 @@ from ratchet import Retry
 from ratchet_server import model
 from ratchet_server.api import convert
 from ratchet_server.engine import errors, policy
-from ratchet_server.engine.engine import Engine, EngineConfig, LeasePush, Session, TriggerSpec
-from ratchet_server.store import Store
+from ratchet_server.engine.engine import Engine, LeasePush, Session, TriggerSpec
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -27,17 +25,6 @@ ONE_ATTEMPT = Retry(max_attempts=1, min_delay=0.0, max_delay=0.0)
 def task_def(retry: Retry = ONE_ATTEMPT) -> model.TaskDef:
     return model.TaskDef(env=ENV, id="t", version="1", queue="t", retry=retry,
                          payload_schema=None, output_schema=None, max_duration=None)
-
-
-@pytest.fixture
-async def engine(store: Store) -> AsyncIterator[Engine]:
-    e = Engine(store, EngineConfig(lease_ttl=30.0, heartbeat_interval=5.0, session_grace=0.05,
-                                   reap_interval=0.05))
-    await e.start()
-    try:
-        yield e
-    finally:
-        await asyncio.wait_for(e.stop(), 5.0)
 
 
 async def lease(engine: Engine, retry: Retry = ONE_ATTEMPT) -> tuple[Session, model.Run]:
