@@ -112,3 +112,48 @@ async def test_a_lease_id_is_fenced_by_the_session_that_holds_it(pg_store: Store
                                           output=b'"mine"', state=None)
         got = await pg_store.get_run("dev", run.id)
         assert got is not None and got.status is model.RunStatus.RUNNING
+
+
+async def test_a_failure_report_racing_the_reaper_is_one_attempt_either_way(
+        pg_store: Store) -> None:
+    """Both sides at once, many times: the worker reports a non-retryable
+    failure just before, during or just after the reaper takes its expired
+    lease. Whichever commits first, the attempt is counted once and the lease
+    loss is either never counted or taken back; a report the run has moved
+    past is refused and changes nothing."""
+    async with running(pg_store, lease_ttl=0.3, heartbeat_interval=0.1,
+                       reap_interval=0.02) as engine:
+        session, _ = await engine.open_session("dev", "w-silent", [task_def("dev")], 40, [])
+        specs = [TriggerSpec(task_id="t", payload=b"{}") for _ in range(40)]
+        runs = [run for run, _ in await engine.trigger("dev", specs)]
+        grants: dict[str, model.Run] = {}
+        while len(grants) < len(runs):
+            push = await asyncio.wait_for(session.outbox.get(), 5.0)
+            assert isinstance(push, LeasePush)
+            grants[push.leased.run.id] = push.leased.run
+        leased_at = time.monotonic()
+        rng = secrets.SystemRandom()
+
+        async def report(run: model.Run) -> bool:
+            await asyncio.sleep(max(0.0, leased_at + rng.uniform(0.2, 0.45) - time.monotonic()))
+            try:
+                await engine.complete_failure(
+                    session, run_id=run.id, lease_id=str(run.lease_id), state=None,
+                    error=model.ErrorInfo(type="BadInput", message="no", non_retryable=True))
+            except errors.StaleLease:
+                return False
+            return True
+
+        accepted = await asyncio.gather(*(report(grants[r.id]) for r in runs))
+        for run, ok in zip(runs, accepted, strict=True):
+            got = await pg_store.get_run("dev", run.id)
+            assert got is not None
+            if ok:
+                assert got.status is model.RunStatus.FAILED, got
+                assert got.error is not None and got.error.type == "BadInput"
+                assert (got.attempt, got.lease_losses) == (1, 0), got
+            else:
+                assert got.status is not model.RunStatus.FAILED or \
+                    got.error is None or got.error.type != "BadInput", got
+                assert got.lease_losses >= 1, got
+        assert any(accepted)

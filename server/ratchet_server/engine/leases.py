@@ -188,15 +188,36 @@ class LeasesMixin(core.EngineBase):
         coordinator's clock) or, from older workers, `retry_at` (absolute, on
         the worker's clock) replaces the policy's backoff."""
         retry_at = _due(retry_after, retry_at)
+        write = await self._failure_write(session, run_id, lease_id, error, state, retry_at)
+        if write is None:
+            await self._check_already_finished(session, run_id, lease_id,
+                                               model.RunStatus.FAILED)
+            return
+        applied = await self._write(write)
+        if not applied and not write.undo_lease_loss:
+            # The reaper may have taken the lease back between the read above
+            # and this write: then the late path below decides, as it would
+            # have had the report come a moment later.
+            late = await self._failure_write(session, run_id, lease_id, error, state, retry_at)
+            if late is not None and late.undo_lease_loss:
+                write, applied = late, await self._write(late)
+        await self._finish(session, write, write.status, applied=applied)
+
+    async def _failure_write(
+        self, session: Session, run_id: str, lease_id: str, error: model.ErrorInfo,
+        state: bytes | None, retry_at: float | None,
+    ) -> model.RunTransition | None:
+        """The write that records a failed attempt under `lease_id`: fenced on
+        the lease still being held, or, when the reaper has just requeued the
+        run under that lease, on the run still waiting unleased (None when
+        neither holds)."""
         ref = await self.store.get_lease(run_id, lease_id)
         expect = model.RunStatus.RUNNING
         late = False
         if ref is None:
             run = await self.store.get_run(session.env, run_id)
             if run is None or not policy.lost_before_its_report(run, lease_id):
-                await self._check_already_finished(session, run_id, lease_id,
-                                                   model.RunStatus.FAILED)
-                return
+                return None
             # The reaper requeued the run a moment before the worker's own
             # failure arrived: the worker's error (and its non_retryable flag)
             # decides, not the guess "lease lost". The guess is taken back
@@ -218,10 +239,9 @@ class LeasesMixin(core.EngineBase):
                 policy.failure_transition(ref, error, state=self._state(state),
                                           immediate=False, now=now, retry_at=retry_at),
                 finishing=None if late else False, clear_final_error=late)
-        write = dataclasses.replace(
+        return dataclasses.replace(
             write, env=session.env, expect_status=expect, undo_lease_loss=late,
             expect_owner=session.id if expect is model.RunStatus.RUNNING else None)
-        await self._finish(session, write, write.status)
 
     async def release(self, session: Session, *, run_id: str, lease_id: str,
                       reason: str = "") -> None:
@@ -236,9 +256,12 @@ class LeasesMixin(core.EngineBase):
         await self._finish(session, write, model.RunStatus.QUEUED)
 
     async def _finish(
-        self, session: Session, write: model.RunTransition, status: model.RunStatus
+        self, session: Session, write: model.RunTransition, status: model.RunStatus,
+        *, applied: bool | None = None,
     ) -> None:
-        applied = await self._write(write)
+        """After an outcome's write (made here unless `applied` says how it went)."""
+        if applied is None:
+            applied = await self._write(write)
         if not applied and write.finishing is False:
             applied = await self._finish_finishing(session, write, status)
         self._forget_lease(write.lease_id)
