@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-url", default="", metavar="URL",
                    help="where clients reach the HTTP port, the base of token completion "
                         "URLs, e.g. https://ratchet.example.com (default http://HTTP_LISTEN)")
+    p.add_argument("--no-notify", action="store_true",
+                   help="Postgres: send no NOTIFY and LISTEN for none, for distributed "
+                        "Postgres-compatible databases without LISTEN/NOTIFY (CockroachDB). "
+                        "Runs made ready on another coordinator are then found by this "
+                        "one's dispatcher poll (at least once a second) instead of at once; "
+                        "nothing else changes (docs/operations.md, 'Past one Postgres')")
     _timing_args(p)
 
     p = sub.add_parser("migrate", help="apply schema migrations")

@@ -163,7 +163,10 @@ async def _dev(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], l
 
 
 async def _server(args: argparse.Namespace) -> int:
-    store = await open_store(args.database_url)
+    store = await open_store(args.database_url, notify=not args.no_notify)
+    if args.no_notify:
+        log.info("--no-notify: no LISTEN/NOTIFY; runs made ready on other coordinators are "
+                 "found by polling")
     options = ServerOptions(listen=args.listen, http_listen=args.http_listen, auth=True,
                             public_url=args.public_url or None,
                             engine=_config(args), key_cache=args.key_cache)

@@ -1,6 +1,9 @@
 """The store contract: one suite that every store passes (SQLite in memory, Postgres).
 
-Each test gets a freshly migrated store from the `store` fixture, once per kind.
+Each test gets a freshly migrated store from the `store` fixture, once per kind,
+and once more as a distributed SQL database would run it (`postgres-distributed`):
+no LISTEN/NOTIFY, and every transaction SERIALIZABLE (CockroachDB's default),
+so that lost serialization checks are retried (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ import asyncio
 import dataclasses
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import pytest
 
@@ -17,7 +22,7 @@ from ratchet import Retry
 from ratchet_server import model
 from ratchet_server.engine import policy, timers
 from ratchet_server.engine.ids import new_id
-from ratchet_server.store import Store
+from ratchet_server.store import Store, open_store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,6 +88,33 @@ async def must_get(store: Store, run_id: str) -> model.Run:
 
 async def event_types(store: Store, run_id: str) -> list[str]:
     return [e["type"] for e in await store.get_events(run_id)]
+
+
+def serializable(url: str) -> str:
+    """`url` with every transaction SERIALIZABLE unless it says otherwise."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query["options"] = (query.get("options", "") +
+                        " -cdefault_transaction_isolation=serializable").strip()
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
+
+
+@pytest.fixture(params=["sqlite-memory", "postgres", "postgres-distributed"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A migrated store of each kind; `postgres-distributed` as on a distributed
+    SQL database (module docstring). Overrides tests/conftest.py's `store`."""
+    if request.param == "sqlite-memory":
+        s = await open_store("sqlite://:memory:")
+    elif request.param == "postgres":
+        s = await open_store(str(request.getfixturevalue("pg_url")))
+    else:
+        s = await open_store(serializable(str(request.getfixturevalue("pg_url"))),
+                             notify=False)
+    await s.migrate()
+    try:
+        yield s
+    finally:
+        await s.close()
 
 
 # --- schema -------------------------------------------------------------------
@@ -723,10 +755,11 @@ async def test_retention_deletes_finished_runs_in_batches(store: Store) -> None:
         assert await store.apply([transition(leased.run, model.RunStatus.COMPLETED)]) == [True]
     [waiting] = [r for r in await store.list_runs(model.RunFilter(env=ENV), 10, None)
                  if r.status is model.RunStatus.QUEUED]
-    assert await store.delete_finished(time.time() - 60, 10) == 0  # not old enough
-    assert await store.delete_finished(time.time() + 1, 1) == 1  # one batch of one
-    assert await store.delete_finished(time.time() + 1, 10) == 1
-    assert await store.delete_finished(time.time() + 1, 10) == 0
+    assert await store.delete_finished(time.time() - 60, 10) == (0, None)  # not old enough
+    deleted, after = await store.delete_finished(time.time() + 1, 1)  # one batch of one
+    assert deleted == 1 and after is not None
+    assert await store.delete_finished(time.time() + 1, 10, after) == (1, None)
+    assert await store.delete_finished(time.time() + 1, 10) == (0, None)
     for leased in done:
         assert await store.get_run(ENV, leased.run.id) is None
         assert await store.get_events(leased.run.id) == []
@@ -742,7 +775,7 @@ async def test_retention_keeps_children_of_unfinished_parents(store: Store) -> N
                                       parent_step_key="kid", child_index=0)],
         wait=True) or []
     assert await store.cancel_run(ENV, child_id) is not None  # final
-    assert await store.delete_finished(time.time() + 1, 10) == 0  # the parent still runs
+    assert await store.delete_finished(time.time() + 1, 10) == (0, None)  # the parent still runs
     assert await store.get_run(ENV, child_id) is not None
 
 

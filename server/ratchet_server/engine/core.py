@@ -57,6 +57,10 @@ class EngineConfig:
     # runs changed in the last `reconcile_settle` seconds (0 disables it).
     reconcile_interval: float = 5.0
     reconcile_settle: float = 5.0
+    # The dispatcher looks for ready runs at least this often, woken or not:
+    # the bound on how late a run made ready on another coordinator starts
+    # when there is no NOTIFY to wake this one (`ratchet server --no-notify`).
+    poll_interval: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -12,23 +12,25 @@ class StoreURLError(ValueError):
     """The database URL names no store Ratchet knows."""
 
 
-async def open_store(url: str) -> Store:
+async def open_store(url: str, *, notify: bool = True) -> Store:
     """Open (and connect) the store a URL names.
 
     `postgresql://...`, or `sqlite:///relative.db`, `sqlite:////absolute.db`,
     `sqlite://:memory:`. Raises `StoreURLError` for other schemes and
-    `StoreUnavailable` when the database cannot be reached.
+    `StoreUnavailable` when the database cannot be reached. `notify=False`:
+    no LISTEN/NOTIFY between coordinators (a Postgres store only; other
+    replicas' work is found by polling, docs/operations.md).
     """
-    store = _store_for(url)
+    store = _store_for(url, notify)
     await store.connect()
     return store
 
 
-def _store_for(url: str) -> Store:
+def _store_for(url: str, notify: bool = True) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         from ratchet_server.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, notify=notify)
     if url.startswith("sqlite://"):
         from ratchet_server.store.sqlite import SqliteStore
 

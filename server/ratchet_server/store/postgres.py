@@ -3,12 +3,22 @@
 Any number of coordinators may share one database: ready runs are leased
 with `FOR UPDATE SKIP LOCKED`, and a trigger or requeue on one replica wakes
 the others through `LISTEN/NOTIFY`.
+
+Notifications are only a latency hint: with `notify=False` (for databases
+without LISTEN/NOTIFY, such as CockroachDB) nothing is sent or listened for,
+and each replica finds the others' work by its dispatcher's bounded poll.
+Correctness never rests on them, nor on advisory locks (the one below only
+serialises migrations). A transaction that loses a deadlock or a
+serialization check runs again, whole (docs/operations.md, "Past one Postgres").
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -22,18 +32,36 @@ from ratchet_server.store.contract import StoreDataError, StoreUnavailable, firs
 
 T = TypeVar("T")
 
+log = logging.getLogger("ratchet.store")
+
 CHANNEL = "ratchet_ready"
 # Arbitrary constant: the advisory lock that serialises migrations.
 MIGRATION_LOCK = 7_420_001
-DEADLOCK_RETRIES = 3
+# A transaction that lost a deadlock or a serialization check runs again up
+# to this many times in all, after a jittered pause that doubles from
+# RETRY_PAUSE up to RETRY_PAUSE_MAX (SERIALIZABLE databases such as
+# CockroachDB lose such checks routinely under contention).
+TRANSACTION_ATTEMPTS = 8
+RETRY_PAUSE = 0.002
+RETRY_PAUSE_MAX = 0.1
+# Worth running again: nothing was committed. Not 40003 (statement completion
+# unknown): the commit may have happened.
+RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure,
+             _dialect.TransientConflict)
 
 
 class PostgresStore(SqlStore):
     dialect = _dialect.POSTGRES
 
-    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, notify: bool = True) -> None:
+        """`notify=False`: send no NOTIFY and LISTEN for none (see the module docstring)."""
         super().__init__(threads=pool_size)
         self._url = url
+        self.notify = notify
+        # Transactions run again after a deadlock or serialization failure
+        # (read by tests and operators; written under _retries_lock).
+        self.retries = 0
+        self._retries_lock = threading.Lock()
         self._pool = ConnectionPool(
             url,
             min_size=1,
@@ -56,17 +84,22 @@ class PostgresStore(SqlStore):
         await asyncio.to_thread(check)
 
     def _transaction(self, fn: Callable[[Any], T]) -> T:
-        # Transaction functions only touch the database, so one that lost a
-        # deadlock (concurrent group commits locking rows in another order)
-        # can simply run again.
-        for attempt in range(DEADLOCK_RETRIES):
+        # Transaction functions only touch the database (their NOTIFYs are
+        # sent at commit, if ever), so one that lost a deadlock (concurrent
+        # group commits locking rows in another order) or a serialization
+        # check can simply run again from the start.
+        for attempt in range(TRANSACTION_ATTEMPTS):
             try:
                 with self._pool.connection() as conn, conn.transaction():
                     return fn(conn)
-            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure,
-                    _dialect.TransientConflict):
-                if attempt == DEADLOCK_RETRIES - 1:
+            except RETRYABLE as exc:
+                if attempt == TRANSACTION_ATTEMPTS - 1:
+                    log.warning("transaction failed %d times in a row (%s); giving up",
+                                TRANSACTION_ATTEMPTS, type(exc).__name__)
                     raise
+                with self._retries_lock:
+                    self.retries += 1
+                time.sleep(random.uniform(0, min(RETRY_PAUSE_MAX, RETRY_PAUSE * 2 ** attempt)))
         raise AssertionError("unreachable")
 
     async def _run(self, fn: Callable[[Any], T]) -> T:
@@ -82,10 +115,14 @@ class PostgresStore(SqlStore):
         conn.execute(script)
 
     def _notify_txn(self, conn: Any, envs: set[str]) -> None:
+        if not self.notify:
+            return
         for env in envs:
             conn.execute("SELECT pg_notify(%(ch)s, %(env)s)", {"ch": CHANNEL, "env": env})
 
     async def listen(self, callback: Callable[[str], None]) -> None:
+        if not self.notify:
+            return
         loop = asyncio.get_running_loop()
 
         def forward() -> None:
