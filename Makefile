@@ -37,7 +37,12 @@ stubs: setup
 	$(PY) scripts/gen_protos.py
 
 bench: setup
+	$(PY) benchmarks/step_latency.py
+	$(PY) benchmarks/step_latency.py --store sqlite
+	$(PY) benchmarks/start_latency.py
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/backlog.py --explain-out .ratchet/backlog-explain.txt
 
 clean:
 	rm -rf $(VENV) .ratchet .pytest_cache .mypy_cache .ruff_cache

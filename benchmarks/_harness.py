@@ -89,7 +89,7 @@ def query(url: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...
         with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
             return conn.execute(sql.replace("%s", "?"), params).fetchall()
     with psycopg.connect(url) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        return conn.execute(sql, params).fetchall()
 
 
 @contextlib.contextmanager
@@ -163,10 +163,11 @@ class System:
         return proc
 
     def wait_connected(self, timeout: float = 60.0, marker: str = "connected to",
-                       count: int = 1) -> None:
-        """Until every worker log shows `marker` at least `count` times."""
+                       counts: Sequence[int] | None = None) -> None:
+        """Until every worker log shows `marker` (the i-th `counts[i]` times)."""
         deadline = time.monotonic() + timeout
-        for path, proc in zip(self.worker_logs, self.workers, strict=True):
+        counts = counts or [1] * len(self.workers)
+        for path, proc, count in zip(self.worker_logs, self.workers, counts, strict=True):
             while path.read_text().count(marker) < count:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{path.name} did not connect:\n{path.read_text()}\n"
@@ -237,7 +238,7 @@ def wait_finished(url: str, count: int, timeout: float = 600.0, since: float = 0
     while True:
         done = query(url, "SELECT count(*) FROM runs WHERE status IN "
                           "('COMPLETED', 'FAILED', 'CANCELED', 'TIMED_OUT', 'EXPIRED') "
-                          "AND created_at >= %s", (since,))[0][0]
+                          "AND env = %s AND created_at >= %s", (ENV, since))[0][0]
         if done >= count:
             return
         if time.monotonic() > deadline:
@@ -249,7 +250,7 @@ def wait_finished(url: str, count: int, timeout: float = 600.0, since: float = 0
 START_SQL = """
 SELECT r.id, r.created_at, MIN(s.started_at) AS first_step, r.status, r.finished_at
 FROM runs r LEFT JOIN steps s ON s.run_id = r.id
-WHERE r.created_at >= %s
+WHERE r.env = %s AND r.created_at >= %s
 GROUP BY r.id, r.created_at, r.status, r.finished_at
 """
 
@@ -257,7 +258,7 @@ GROUP BY r.id, r.created_at, r.status, r.finished_at
 def start_latencies_ms(url: str, since: float) -> tuple[list[float], int]:
     """Trigger → first step started (ms) of runs created after `since`, and how many
     of them did not complete."""
-    rows = query(url, START_SQL, (since,))
+    rows = query(url, START_SQL, (ENV, since))
     lat = [(r[2] - r[1]) * 1000 for r in rows if r[2] is not None]
     return lat, sum(1 for r in rows if r[3] != "COMPLETED")
 

@@ -25,3 +25,9 @@ async def sequential(ctx: ratchet.Context, payload: dict[str, Any]) -> int:
     for i in range(payload["steps"]):
         x = await ctx.step(f"s{i}", add, x, 1)
     return x
+
+
+@ratchet.task(id="bench-sleep-hour", retry=ratchet.Retry(max_attempts=1))
+async def sleep_hour(ctx: ratchet.Context, payload: dict[str, Any]) -> None:
+    """WAITING right away, for an hour (memory with many waiting runs)."""
+    await ctx.sleep("nap", 3600)
