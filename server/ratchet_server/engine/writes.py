@@ -2,9 +2,12 @@
 
 Whatever is queued when a transaction can start goes into it; up to
 `concurrency` transactions are in flight, so a slow commit does not hold
-back the next batch. A run has at most one write in flight (its worker
-awaits each acknowledgement), so batches rarely touch the same rows; the
-store locks rows in run id order and retries the rare deadlock.
+back the next batch. A write that finds nothing queued and a transaction
+slot free is committed at once by its own caller, without a hand-off to the
+writer loop (the sequential run's path: one write at a time). A run has at
+most one write in flight (its worker awaits each acknowledgement), so
+batches rarely touch the same rows; the store locks rows in run id order and
+retries the rare deadlock.
 """
 
 from __future__ import annotations
@@ -32,21 +35,35 @@ class GroupCommit:
         self.concurrency = concurrency
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(concurrency)
+        # True while the writer loop holds a write it took from the queue and
+        # waits for a slot: a new write must then queue behind it.
+        self._holding = False
 
     async def write(self, write: model.FencedWrite) -> bool:
         """Apply `write` in the next batch; True if its lease was current.
         Raises what the store raised for the whole batch."""
+        if self._queue.empty() and not self._holding and not self._slots.locked():
+            async with self._slots:  # free: acquired without waiting
+                try:
+                    [applied] = await self.store.apply([write])
+                except Exception:
+                    log.exception("group commit of 1 write failed")
+                    raise
+                return applied
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(write, future))
         return await future
 
     async def run(self) -> None:
         """The writer loop (runs until cancelled, with the batches in flight)."""
-        slots = asyncio.Semaphore(self.concurrency)
+        slots = self._slots
         try:
             while True:
                 first = await self._queue.get()
+                self._holding = True
                 await slots.acquire()
+                self._holding = False
                 batch = [first]
                 while not self._queue.empty() and len(batch) < self.max_batch:
                     batch.append(self._queue.get_nowait())
