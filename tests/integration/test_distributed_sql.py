@@ -83,6 +83,23 @@ async def _insert_run(url: str, task_id: str, payload: str) -> str:
         await store.close()
 
 
+async def test_a_store_without_notify_neither_listens_nor_notifies(own_db: str) -> None:
+    store = await open_store(own_db, notify=False)
+    try:
+        await store.migrate()
+        with notifications(own_db) as heard:
+            await store.listen(lambda _: None)
+            assert "ratchet-listen" not in {t.name for t in threading.enumerate()}
+            await store.notify_ready("test")
+            await store.create_runs([model.NewRun(
+                id=new_id("run"), env="test", task_id="t", queue="t", payload="{}",
+                retry=Retry())])
+            await asyncio.sleep(0.5)
+        assert heard == []
+    finally:
+        await store.close()
+
+
 async def test_a_coordinator_without_notify_completes_runs(own_db: str, tmp_path: Path) -> None:
     cluster = Cluster(own_db, tmp_path)
     try:
