@@ -103,17 +103,42 @@ class Context:
         self.run_id = run_id
         self.task_id = task_id
         self.attempt = attempt
-        self.state: dict[str, Any] = state
+        self._state: dict[str, Any] = state
+        # Set once the task's code may have changed the state: it read or
+        # replaced `ctx.state` (and may hold a reference), or a replay
+        # restored a saved one. Until then a checkpoint need not serialise it.
+        self._state_touched = False
         self.logger = logging.LoggerAdapter(logger, {"run_id": run_id, "task_id": task_id})
         self._lease_id = lease_id
         self._cancelled = False
         self._steps = _steps.Steps(
-            run_id=run_id, lease_id=lease_id, records=steps, state=lambda: self.state,
+            run_id=run_id, lease_id=lease_id, records=steps, state=lambda: self._state,
+            state_touched=lambda: self._state_touched,
             journal=journal, logger=self.logger, executor=executor, processes=processes,
             sleep_threshold=sleep_threshold, clock_offset=clock_offset,
             rerun_failed_steps=rerun_failed_steps)
         # Undos registered by ctx.step(..., compensate=...), see _saga.py.
         self._saga = _saga.Saga()
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The run's state: a JSON-serialisable dict saved with each checkpoint
+        when it changed. On a replay it reads, as the replay
+        passes each completed step, what it was when that step completed."""
+        self._state_touched = True
+        return self._state
+
+    @state.setter
+    def state(self, value: dict[str, Any]) -> None:
+        self._state_touched = True
+        self._state = value
+
+    def _restart_state(self) -> None:
+        """The code runs again from the top: the state starts empty (and
+        counts as changed if the stored one was not)."""
+        if self._state:
+            self._state_touched = True
+        self._state = {}
 
     @property
     def idempotency_key(self) -> str:
@@ -152,7 +177,8 @@ class Context:
         applied twice. A step saved without state (unchanged, or completed by
         the coordinator: a long sleep, a token, children) leaves it as is."""
         if record.state:
-            self.state = json.loads(record.state)
+            self._state = json.loads(record.state)
+            self._state_touched = True
 
     async def step(
         self,

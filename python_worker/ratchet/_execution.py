@@ -106,7 +106,7 @@ class Execution:
             # there ({}) and each completed step the replay passes restores
             # the state saved with it (Context._replayed). The stored document
             # above stays what a change is compared with before it is sent.
-            ctx.state = {}
+            ctx._restart_state()
             if grant.HasField("final_error") or _saga.started(ctx._steps.records):
                 # The run is finishing (_saga.py): replay only to learn its undos.
                 ctx._steps.finishing = True

@@ -78,6 +78,7 @@ class Steps:
         sleep_threshold: float,
         clock_offset: float,
         rerun_failed_steps: bool = False,
+        state_touched: Callable[[], bool] = lambda: True,
     ) -> None:
         self.run_id = run_id
         self.lease_id = lease_id
@@ -94,6 +95,9 @@ class Steps:
         self.rerun_failed_steps = rerun_failed_steps
         # Read at each write: `ctx.state` may be replaced, not just changed.
         self._state = state
+        # False while the state cannot have changed since the lease began
+        # (the task's code never reached it): nothing to serialise then.
+        self._state_touched = state_touched
         self._sent_state = to_json(state())
         self._logger = logger
         self._executor = executor
@@ -146,7 +150,12 @@ class Steps:
         self.suspended.clear()
 
     def state_update(self) -> bytes | None:
-        """The state as JSON if it changed since it was last sent, else None."""
+        """The state as JSON if it changed since it was last sent, else None.
+
+        Serialised only once the task's code could have changed it: a change
+        made through a reference the code kept cannot be seen otherwise."""
+        if not self._state_touched():
+            return None
         current = to_json(self._state())
         if current == self._sent_state:
             return None

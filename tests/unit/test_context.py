@@ -373,6 +373,47 @@ async def test_state_changed_inside_a_step_goes_with_its_checkpoint() -> None:
     assert journal.checkpoints[0].state == b'{"seen":true}'
 
 
+async def test_state_the_code_never_reached_is_not_serialised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run that never uses ctx.state pays nothing for it per checkpoint."""
+    from ratchet import _steps
+
+    journal = Journal()
+    ctx = make_ctx(journal, state={"big": list(range(1000))})
+    calls = []
+    real = _steps.to_json
+
+    def counting(value: Any) -> bytes:
+        calls.append(value)
+        return real(value)
+
+    monkeypatch.setattr(_steps, "to_json", counting)
+
+    async def one() -> int:
+        return 1
+
+    for name in "abc":
+        await ctx.step(name, one)
+    assert [c for c in calls if c is not None and c != 1] == []
+    assert not any(c.HasField("state") for c in journal.checkpoints)
+
+
+async def test_a_change_through_a_kept_reference_is_sent() -> None:
+    journal = Journal()
+    ctx = make_ctx(journal)
+    kept = ctx.state
+
+    async def one() -> int:
+        return 1
+
+    await ctx.step("a", one)
+    kept["n"] = 1  # not through ctx.state: still seen
+    await ctx.step("b", one)
+    sent = [c.state if c.HasField("state") else None for c in journal.checkpoints]
+    assert sent == [None, b'{"n":1}']
+
+
 # --- values ----------------------------------------------------------------------------------
 
 
