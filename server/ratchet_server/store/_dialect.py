@@ -21,6 +21,9 @@ from typing import Any, Protocol
 QUERIES_FILE = Path(__file__).with_name("queries.sql")
 _PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 _NAME = re.compile(r"^-- name: (\S+)\s*$", re.MULTILINE)
+# Sections of queries.sql that are pieces of several statements, filled into
+# any `{name}` placeholder of theirs without the caller naming them.
+SHARED_FRAGMENTS = ("step_conflict",)
 
 
 def load_queries(text: str) -> dict[str, str]:
@@ -77,6 +80,9 @@ class Dialect:
     encode_list: Callable[[list[str]], Any]
     # Group commit may apply a batch as a few set-based statements.
     batch_writes: bool
+    # A batch of step writes alone may go as one statement in autocommit
+    # (apply_step_writes): one round trip per checkpoint.
+    one_statement_steps: bool
     # Run first in a transaction whose statements must all see one snapshot
     # ("" where a transaction already does: SQLite's one writer).
     consistent_read: str
@@ -95,7 +101,9 @@ class Dialect:
         key = (name, *sorted(fragments.items()))
         cached = self._cache.get(key)
         if cached is None:
-            cached = self._cache[key] = self.translate(self.text(name).format(**fragments))
+            text = self.text(name)
+            shared = {f: self.text(f) for f in SHARED_FRAGMENTS if "{" + f + "}" in text}
+            cached = self._cache[key] = self.translate(text.format(**shared, **fragments))
         return cached
 
 
@@ -106,6 +114,7 @@ SQLITE = Dialect(
     for_update="",
     encode_list=json.dumps,
     batch_writes=False,
+    one_statement_steps=False,
     consistent_read="",
     translate=lambda s: s,
 )
@@ -116,6 +125,7 @@ POSTGRES = Dialect(
     for_update="FOR UPDATE",
     encode_list=lambda values: values,
     batch_writes=True,
+    one_statement_steps=True,
     consistent_read="SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
     translate=to_pyformat,
 )

@@ -55,15 +55,18 @@ def apply_writes_txn(
 
 def _batchable(writes: Sequence[model.FencedWrite]) -> bool:
     """True when set-based statements give the same result as applying in order:
-    every run's step writes name one lease, and a run with a transition has no
-    other write in the batch (a worker awaits each acknowledgement, so this is
-    the normal case)."""
+    every run's step writes name one lease, no step is written twice, and a run
+    with a transition has no other write in the batch (a worker awaits each
+    acknowledgement, so this is the normal case)."""
     step_lease: dict[str, str] = {}
+    keys: set[tuple[str, str]] = set()
     transitions: set[str] = set()
     for w in writes:
         if isinstance(w, model.StepWrite):
-            if step_lease.setdefault(w.run_id, w.lease_id) != w.lease_id:
+            if (step_lease.setdefault(w.run_id, w.lease_id) != w.lease_id
+                    or (w.run_id, w.key) in keys):
                 return False
+            keys.add((w.run_id, w.key))
         elif (w.run_id in transitions or w.expired_before
               or w.status is model.RunStatus.WAITING
               or w.expect_status is not model.RunStatus.RUNNING):
@@ -83,24 +86,7 @@ def _apply_batched_txn(
     transitions = [w for w in ordered if isinstance(w, model.RunTransition)]
     ok: set[str] = set()
     if steps:
-        last_state: dict[str, tuple[str, str | None]] = {}
-        fences: dict[str, model.StepWrite] = {}
-        for w in steps:
-            previous = last_state.get(w.run_id, (w.lease_id, None))[1]
-            last_state[w.run_id] = (w.lease_id, w.state if w.state is not None else previous)
-            fences.setdefault(w.run_id, w)
-        rows = conn.execute(d.sql("fence_run_state_batch"), {
-            "now": now,
-            "ids": list(last_state),
-            "leases": [lease for lease, _ in last_state.values()],
-            "states": [state for _, state in last_state.values()],
-            "envs": [fences[run_id].env for run_id in last_state],
-            "owners": [fences[run_id].owner for run_id in last_state],
-        }).fetchall()
-        ok.update(r["id"] for r in rows)
-        todo = [_rows.step_params(w, now) for w in steps if w.run_id in ok]
-        if todo:
-            conn.cursor().executemany(d.sql("upsert_step"), todo)
+        ok.update(_apply_steps(conn, d, steps, now))
     if transitions:
         params = [_rows.transition_params(w, now) for w in transitions]
         rows = conn.execute(d.sql("transition_run_batch"), {
@@ -124,7 +110,67 @@ def _apply_batched_txn(
         }).fetchall()
         ok.update(r["id"] for r in rows)
     applied = [w.run_id in ok for w in writes]
-    events = [e for w, good in zip(writes, applied, strict=True) if good for e in w.events]
+    events = [e for w, good in zip(writes, applied, strict=True)
+              if good and isinstance(w, model.RunTransition) for e in w.events]
     if events:
         conn.cursor().executemany(d.sql("insert_event"), [_rows.event_params(e) for e in events])
     return applied
+
+
+def one_statement(d: _dialect.Dialect, writes: Sequence[model.FencedWrite]) -> bool:
+    """True when `writes` can go as one statement committed on its own
+    (`apply_step_writes_txn`): step writes alone, each run's naming one lease,
+    and no step written twice."""
+    return (d.one_statement_steps and bool(writes)
+            and all(isinstance(w, model.StepWrite) for w in writes) and _batchable(writes))
+
+
+def apply_step_writes_txn(
+    conn: _dialect.Connection, d: _dialect.Dialect, writes: Sequence[model.FencedWrite], now: float
+) -> list[bool]:
+    """Apply a batch that `one_statement` accepted, as one statement (runs
+    locked in id order); True for each write whose lease was current."""
+    steps = sorted((w for w in writes if isinstance(w, model.StepWrite)), key=lambda w: w.run_id)
+    ok = _apply_steps(conn, d, steps, now)
+    return [w.run_id in ok for w in writes]
+
+
+def _apply_steps(
+    conn: _dialect.Connection, d: _dialect.Dialect, steps: Sequence[model.StepWrite], now: float
+) -> set[str]:
+    """Step writes (sorted by run id) as one statement, with their history;
+    the ids of the runs whose lease was current."""
+    last_state: dict[str, tuple[str, str | None]] = {}
+    fences: dict[str, model.StepWrite] = {}
+    for w in steps:
+        previous = last_state.get(w.run_id, (w.lease_id, None))[1]
+        last_state[w.run_id] = (w.lease_id, w.state if w.state is not None else previous)
+        fences.setdefault(w.run_id, w)
+    params = [_rows.step_params(w, now) for w in steps]
+    events = [{**_rows.event_params(e), "writer": w.run_id} for w in steps for e in w.events]
+    rows = conn.execute(d.sql("apply_step_writes"), {
+        "now": now,
+        "ids": list(last_state),
+        "leases": [lease for lease, _ in last_state.values()],
+        "states": [state for _, state in last_state.values()],
+        "envs": [fences[run_id].env for run_id in last_state],
+        "owners": [fences[run_id].owner for run_id in last_state],
+        **{f"s_{name}": [p[column] for p in params] for name, column in _STEP_COLUMNS},
+        **{f"e_{name}": [e[column] for e in events] for name, column in _EVENT_COLUMNS},
+    }).fetchall()
+    return {r["id"] for r in rows}
+
+
+# apply_step_writes' array parameters, and the step_params / event_params
+# entries they are made of.
+_STEP_COLUMNS = (
+    ("run_ids", "run_id"), ("keys", "key"), ("kinds", "kind"), ("statuses", "status"),
+    ("attempts", "attempts"), ("retry_bases", "retry_base"), ("outputs", "output"),
+    ("errors", "error"), ("started", "started_at"), ("finished", "finished_at"),
+    ("wake_ats", "wake_at"), ("token_ids", "token_id"), ("states", "state"),
+)
+_EVENT_COLUMNS = (
+    ("writers", "writer"), ("run_ids", "run_id"), ("ats", "at"), ("types", "type"),
+    ("attempts", "attempt"),
+    ("lease_ids", "lease_id"), ("step_keys", "step_key"), ("data", "data"),
+)

@@ -40,6 +40,11 @@ class SqlStore(abc.ABC):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._transaction, fn)
 
+    async def _run_statement(self, fn: Callable[[Any], T]) -> T:
+        """Run `fn(conn)`, which sends exactly one statement, as its own
+        transaction where the database allows it (else as `_run` does)."""
+        return await self._run(fn)
+
     async def connect(self) -> None:
         """Make sure the database answers; raise StoreUnavailable if not."""
 
@@ -341,6 +346,10 @@ class SqlStore(abc.ABC):
         return await self._run(txn)
 
     async def apply(self, writes: Sequence[model.FencedWrite]) -> list[bool]:
+        if _writes.one_statement(self.dialect, writes):
+            # The per-step hot path: one round trip, no BEGIN and COMMIT.
+            return await self._run_statement(lambda conn: _writes.apply_step_writes_txn(
+                conn, self.dialect, writes, time.time()))
         def txn(conn: Any) -> list[bool]:
             result = _writes.apply_writes_txn(conn, self.dialect, writes, time.time())
             requeued = {w.run_id for w, ok in zip(writes, result, strict=True)

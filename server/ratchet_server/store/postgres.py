@@ -15,6 +15,7 @@ serialization check runs again, whole (docs/operations.md, "Past one Postgres").
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import threading
@@ -83,15 +84,23 @@ class PostgresStore(SqlStore):
 
         await asyncio.to_thread(check)
 
-    def _transaction(self, fn: Callable[[Any], T]) -> T:
+    def _transaction(self, fn: Callable[[Any], T], *, one_statement: bool = False) -> T:
         # Transaction functions only touch the database (their NOTIFYs are
         # sent at commit, if ever), so one that lost a deadlock (concurrent
         # group commits locking rows in another order) or a serialization
         # check can simply run again from the start.
         for attempt in range(TRANSACTION_ATTEMPTS):
             try:
-                with self._pool.connection() as conn, conn.transaction():
-                    return fn(conn)
+                with self._pool.connection() as conn:
+                    if one_statement:
+                        # Committed on its own: no BEGIN and COMMIT round trips.
+                        conn.autocommit = True
+                        try:
+                            return fn(conn)
+                        finally:
+                            conn.autocommit = False
+                    with conn.transaction():
+                        return fn(conn)
             except RETRYABLE as exc:
                 if attempt == TRANSACTION_ATTEMPTS - 1:
                     log.warning("transaction failed %d times in a row (%s); giving up",
@@ -105,6 +114,14 @@ class PostgresStore(SqlStore):
     async def _run(self, fn: Callable[[Any], T]) -> T:
         try:
             return await super()._run(fn)
+        except psycopg.Error as exc:
+            raise _translate(exc) from exc
+
+    async def _run_statement(self, fn: Callable[[Any], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._executor, functools.partial(self._transaction, fn, one_statement=True))
         except psycopg.Error as exc:
             raise _translate(exc) from exc
 

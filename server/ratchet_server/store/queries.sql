@@ -179,6 +179,12 @@ INSERT INTO steps (run_id, key, kind, status, attempts, retry_base, output, erro
                    started_at, finished_at, wake_at, token_id, state)
 VALUES (:run_id, :key, :kind, :status, :attempts, :retry_base, :output, :error, :now,
         :started_at, :finished_at, :wake_at, :token_id, :state)
+{step_conflict}
+
+-- name: step_conflict
+-- A fragment, not a statement (filled into upsert_step and apply_step_writes):
+-- what a step write does to the step already recorded under its key. A
+-- COMPLETED step never changes again.
 ON CONFLICT (run_id, key) DO UPDATE SET
     wake_at = COALESCE(excluded.wake_at, steps.wake_at),
     token_id = COALESCE(steps.token_id, excluded.token_id),
@@ -192,6 +198,50 @@ ON CONFLICT (run_id, key) DO UPDATE SET
     finished_at = excluded.finished_at,
     state = COALESCE(excluded.state, steps.state)
 WHERE steps.status <> 'COMPLETED'
+
+-- name: apply_step_writes@postgres
+-- Step writes of many runs as one statement: fence each run by its lease (and
+-- environment and session), then record the steps and the history of the
+-- runs that passed; returns their ids. Sent alone in autocommit it is its own
+-- transaction, so a checkpoint costs one round trip. Runs are locked in the
+-- order of :ids (the caller sorts them: run-id order). No (run, key) may
+-- appear twice (ON CONFLICT cannot change a row twice in one statement).
+WITH fenced AS (
+    UPDATE runs AS r SET state = COALESCE(v.state, r.state), updated_at = :now
+    FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:states AS text[]),
+                CAST(:envs AS text[]), CAST(:owners AS text[]))
+         AS v(id, lease_id, state, env, owner)
+    WHERE r.id = v.id AND r.lease_id = v.lease_id AND r.status = 'RUNNING'
+      AND (v.env IS NULL OR r.env = v.env) AND (v.owner IS NULL OR r.lease_owner = v.owner)
+    RETURNING r.id
+), written AS (
+    INSERT INTO steps (run_id, key, kind, status, attempts, retry_base, output, error,
+                       created_at, started_at, finished_at, wake_at, token_id, state)
+    SELECT s.run_id, s.key, s.kind, s.status, s.attempts, s.retry_base, s.output, s.error,
+           :now, s.started_at, s.finished_at, s.wake_at, s.token_id, s.state
+    FROM unnest(CAST(:s_run_ids AS text[]), CAST(:s_keys AS text[]), CAST(:s_kinds AS text[]),
+                CAST(:s_statuses AS text[]), CAST(:s_attempts AS int[]),
+                CAST(:s_retry_bases AS int[]), CAST(:s_outputs AS text[]),
+                CAST(:s_errors AS text[]), CAST(:s_started AS float8[]),
+                CAST(:s_finished AS float8[]), CAST(:s_wake_ats AS float8[]),
+                CAST(:s_token_ids AS text[]), CAST(:s_states AS text[]))
+         AS s(run_id, key, kind, status, attempts, retry_base, output, error, started_at,
+              finished_at, wake_at, token_id, state)
+    WHERE s.run_id IN (SELECT id FROM fenced)
+    {step_conflict}
+), logged AS (
+    INSERT INTO run_events (run_id, at, type, attempt, lease_id, step_key, data)
+    SELECT e.run_id, e.at, e.type, e.attempt, e.lease_id, e.step_key, e.data
+    FROM unnest(CAST(:e_writers AS text[]), CAST(:e_run_ids AS text[]),
+                CAST(:e_ats AS float8[]), CAST(:e_types AS text[]),
+                CAST(:e_attempts AS int[]), CAST(:e_lease_ids AS text[]),
+                CAST(:e_step_keys AS text[]), CAST(:e_data AS text[])) WITH ORDINALITY
+         AS e(writer, run_id, at, type, attempt, lease_id, step_key, data, n)
+    -- kept when the write that carries the event passed its fence
+    WHERE e.writer IN (SELECT id FROM fenced)
+    ORDER BY e.n
+)
+SELECT id FROM fenced
 
 -- name: transition_run
 UPDATE runs SET
