@@ -48,7 +48,8 @@ HOT_QUERIES: dict[str, dict[str, Any]] = {
     "select_child_wait_candidates": {"limit": 100},
     "select_finished_page": {"limit": 500},
     "delete_finished": {"limit": 500},
-    "select_unfinished_page": {"limit": 500},
+    # The reconciler pages through every environment (env NULL).
+    "select_unfinished_page": {"limit": 500, "env": None},
 }
 SCAN = re.compile(r"Seq Scan on (runs|steps)\b")
 
@@ -206,11 +207,44 @@ def params_note(sql: str, params: dict[str, Any]) -> str:
     return repr(used)
 
 
-def idle_cpu(pid: int, seconds: float) -> float:
-    """The process's CPU use over `seconds`, in % of one core."""
-    before, t0 = h.proc_cpu_seconds(pid), time.monotonic()
+def backend_pids(url: str) -> list[int]:
+    """The Postgres backends serving this database (the coordinator's connections)."""
+    return [r[0] for r in h.query(url, "SELECT pid FROM pg_stat_activity "
+                                       "WHERE datname = current_database() "
+                                       "AND pid <> pg_backend_pid()")]
+
+
+def cpu_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += h.proc_cpu_seconds(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def db_active_ms(url: str) -> float:
+    """pg_stat_database.active_time of this database: milliseconds spent running
+    statements, parallel workers included."""
+    return float(h.query(url, "SELECT active_time FROM pg_stat_database "
+                              "WHERE datname = current_database()")[0][0])
+
+
+def idle_cpu(url: str, pid: int, seconds: float) -> dict[str, float]:
+    """Over `seconds`, in % of one core: the coordinator's CPU, its database
+    connections' CPU (/proc; parallel workers not included), and the time the
+    database spent running statements (pg_stat_database.active_time)."""
+    backends = backend_pids(url)
+    active = db_active_ms(url)
+    before, db_before, t0 = h.proc_cpu_seconds(pid), cpu_of(backends), time.monotonic()
     time.sleep(seconds)
-    return float(100 * (h.proc_cpu_seconds(pid) - before) / (time.monotonic() - t0))
+    elapsed = time.monotonic() - t0
+    cpu, db_cpu = h.proc_cpu_seconds(pid) - before, cpu_of(backends) - db_before
+    time.sleep(1.5)  # statistics reach pg_stat_database within a second
+    return {"idle_cpu_pct": round(100 * cpu / elapsed, 2),
+            "idle_db_cpu_pct": round(100 * db_cpu / elapsed, 2),
+            "idle_db_active_pct": round((db_active_ms(url) - active) / elapsed / 10, 2)}
 
 
 def phase(url: str, runs: int, rate: float, idle_s: float) -> dict[str, Any]:
@@ -218,10 +252,10 @@ def phase(url: str, runs: int, rate: float, idle_s: float) -> dict[str, Any]:
         since = asyncio.run(start_latency.trigger_at_rate(s, runs, rate))
         h.wait_finished(url, runs, since=since)
         time.sleep(2)
-        cpu = idle_cpu(s.coordinator.pid, idle_s)
+        cpu = idle_cpu(url, s.coordinator.pid, idle_s)
         rss = h.proc_rss_mb(s.coordinator.pid)
     lat, failed = h.start_latencies_ms(url, since)
-    return {"failed": failed, "idle_cpu_pct": round(cpu, 2), "rss_mb": round(rss, 1),
+    return {"failed": failed, **cpu, "rss_mb": round(rss, 1),
             **{f"start_ms_{k}": v for k, v in h.summary(lat).items()}}
 
 
