@@ -92,10 +92,12 @@ async def test_postgres_migrations_produce_the_current_schema(pg_url: str) -> No
     for table, column in rows:
         tables.setdefault(table, set()).add(column)
     assert tables == EXPECTED_COLUMNS
-    assert "runs_ready" in indexes
-    ready = indexes["runs_ready"]
+    assert "runs_ready" not in indexes  # replaced by 0007_dispatch
+    due = indexes["runs_due"]
+    assert "(env, task_id, run_at, id)" in due and "WHERE (status = 'QUEUED'::text)" in due
+    ready = indexes["runs_ready_priority"]
     assert "(env, task_id, priority DESC, run_at, id)" in ready
-    assert "WHERE (status = 'QUEUED'::text)" in ready
+    assert "WHERE ((status = 'QUEUED'::text) AND (priority <> 0))" in ready
     assert "runs_idempotency" in indexes and "UNIQUE" in indexes["runs_idempotency"]
     assert [name for _, name in versions] == MIGRATION_FILES["postgres"]
 
@@ -123,8 +125,10 @@ async def test_sqlite_migrations_produce_the_current_schema(tmp_path: Path) -> N
     finally:
         conn.close()
     assert tables == EXPECTED_COLUMNS
-    assert "runs_ready" in indexes and partial["runs_ready"] == 1
-    assert "WHERE status = 'QUEUED'" in indexes["runs_ready"]
+    assert "runs_ready" not in indexes  # replaced by 0007_dispatch
+    assert partial["runs_due"] == 1 and "WHERE status = 'QUEUED'" in indexes["runs_due"]
+    assert partial["runs_ready_priority"] == 1
+    assert "priority <> 0" in indexes["runs_ready_priority"]
     assert versions == MIGRATION_FILES["sqlite"]
 
 

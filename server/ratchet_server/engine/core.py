@@ -149,6 +149,20 @@ class EngineBase:
         # Set by begin_shutdown(): no new leases, and closing sessions keep theirs.
         self._closing = False
 
+    def _runs_ready(self, env: str, task_id: str) -> None:
+        """Runs of `task_id` in `env` became ready ("*": of any task, in any
+        environment): wake the dispatcher if a session here has a free slot
+        for them. Skipping the others loses nothing: every slot that frees,
+        and every session that opens, wakes the dispatcher itself."""
+        if self._wake.is_set():
+            return
+        for session in self._sessions.values():
+            if (session.free and not session.closed
+                    and (env == "*" or session.env == env)
+                    and (task_id == "*" or task_id in session.task_ids)):
+                self._wake.set()
+                return
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)

@@ -6,7 +6,8 @@ pushed to them); the store holds the truth, so any replica can take over.
 
 Background loops, all started by `start()` and stopped by `stop()`:
 - the dispatcher pushes ready runs to sessions with free slots, woken by
-  triggers, freed slots, requeues and NOTIFY from other replicas, and by the
+  triggers, freed slots, requeues and NOTIFY from other replicas (only for
+  a task a session here serves with a free slot), and by the
   next due `run_at` (retry backoff, delay);
 - the timer loop requeues (or fails) runs whose lease expired, and fires
   sleeps, token timeouts, TTL, max duration and finished child waits;
@@ -51,7 +52,7 @@ class Engine(TokensMixin, RunsMixin, SessionsMixin, LeasesMixin, timers.TimersMi
         self.reconciler = timers.Reconciler(store, settle=self.config.reconcile_settle)
 
     async def start(self) -> None:
-        await self.store.listen(lambda env: self._wake.set())
+        await self.store.listen(self._runs_ready)
         for name, coro in (("dispatcher", self._dispatch_loop()),
                            ("writer", self.writes.run()), ("timers", self._timer_loop()),
                            ("retention", self._retention_loop()),

@@ -37,8 +37,8 @@ class RunsMixin(core.EngineBase):
         now = time.time()
         new_runs = [await self._new_run(env, spec, now) for spec in specs]
         results = await self.store.create_runs(new_runs)
-        if any(created for _, created in results):
-            self._wake.set()
+        for ready_env, task_id in {(r.env, r.task_id) for r, created in results if created}:
+            self._runs_ready(ready_env, task_id)
         return results
 
     async def get_run(self, env: str, run_id: str) -> tuple[model.Run, list[model.Step]]:
@@ -131,7 +131,7 @@ class RunsMixin(core.EngineBase):
                                                rerun_steps=policy.rerun_on_replay(steps))
         if replayed is None:
             raise errors.FailedPrecondition(f"run {run_id!r} changed meanwhile; try again")
-        self._wake.set()
+        self._runs_ready(env, replayed.task_id)
         return replayed
 
     async def discard(self, env: str, run_id: str) -> model.Run:
@@ -169,7 +169,7 @@ class RunsMixin(core.EngineBase):
             model.Event(run_id=run.id, type=model.EventType.REPLAYED, at=now,
                         data=json.dumps({"replay_of": old.id, "why": why})),
         ])
-        self._wake.set()
+        self._runs_ready(run.env, run.task_id)
         return run
 
     async def complete_token(self, env: str, token_id: str, data: bytes) -> tuple[bool, str, str]:

@@ -27,6 +27,10 @@ from ratchet_server.engine.core import (
 
 log = logging.getLogger("ratchet.engine")
 
+# The most runs one group of sessions leases in one statement; a group that
+# gets them all is served again at once.
+DISPATCH_BATCH = 1000
+
 class SessionsMixin(core.EngineBase):
     """Open, serve and close worker sessions; push leases to free slots."""
 
@@ -168,34 +172,73 @@ class SessionsMixin(core.EngineBase):
                     await self._wake.wait()
 
     async def _dispatch_once(self) -> tuple[bool, float | None]:
+        """One pass: the sessions serving the same tasks in the same
+        environment lease together (one statement for the sum of their free
+        slots, the runs shared out among them); different groups lease
+        concurrently. Returns whether a group got all it asked for (go round
+        again at once), and the earliest next due time of those that did not."""
         if self._closing:
             return False, None
-        more = False
-        next_due: float | None = None
         # A session silent for two heartbeat intervals may belong to a stopped
         # process: lease nothing to it until it speaks again.
         silent_after = time.monotonic() - 2 * self.config.heartbeat_interval
-        for session in list(self._sessions.values()):
+        groups: dict[tuple[str, tuple[str, ...]], list[Session]] = {}
+        for session in self._sessions.values():
             if session.closed or session.free == 0 or not session.task_ids:
                 continue
             if session.last_seen < silent_after:
                 continue
-            want = session.free
+            groups.setdefault((session.env, session.task_ids), []).append(session)
+        if not groups:
+            return False, None
+        results = await asyncio.gather(*(
+            self._dispatch_group(env, task_ids, sessions)
+            for (env, task_ids), sessions in groups.items()))
+        more = any(m for m, _ in results)
+        next_due = min((due for _, due in results if due is not None), default=None)
+        return more, next_due
+
+    async def _dispatch_group(
+        self, env: str, task_ids: tuple[str, ...], sessions: list[Session]
+    ) -> tuple[bool, float | None]:
+        owners = share_slots(sessions, DISPATCH_BATCH)
+        try:
             leased = await self.store.lease_ready(
-                env=session.env, task_ids=session.task_ids, limit=want, owner=session.id,
-                nonce=secrets.token_hex(6), ttl=self.config.lease_ttl)
+                env=env, task_ids=task_ids, limit=len(owners), owner=owners[0],
+                owners=owners, nonce=secrets.token_hex(6), ttl=self.config.lease_ttl)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("dispatch to %s in %s failed; retrying", ",".join(task_ids), env)
+            return False, time.time() + 0.5
+        by_id = {session.id: session for session in sessions}
+        for item in leased:
+            assert item.run.lease_id is not None and item.run.lease_owner is not None
+            session = by_id[item.run.lease_owner]
             if session.closed:
                 # Closed while we leased: the grace timer will release these.
                 continue
-            for item in leased:
-                assert item.run.lease_id is not None
-                session.active.add(item.run.lease_id)
-                self._lease_session[item.run.lease_id] = session
-                session.outbox.put_nowait(LeasePush(item))
-            if len(leased) == want:
-                more = True
-            elif not leased:
-                due = await self.store.next_run_at(session.env, session.task_ids)
-                if due is not None and (next_due is None or due < next_due):
-                    next_due = due
-        return more, next_due
+            session.active.add(item.run.lease_id)
+            self._lease_session[item.run.lease_id] = session
+            session.outbox.put_nowait(LeasePush(item))
+        if len(leased) == len(owners):
+            return True, None
+        try:
+            return False, await self.store.next_run_at(env, task_ids)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("next due time of %s in %s failed", ",".join(task_ids), env)
+            return False, time.time() + 0.5
+
+
+def share_slots(sessions: Sequence[Session], limit: int) -> list[str]:
+    """One session id per run to lease, at most `limit`: a round over the
+    sessions' free slots, most free first, so that fewer runs than slots are
+    spread over the sessions rather than piled on the first."""
+    free = sorted(((s.free, s.id) for s in sessions), key=lambda fs: -fs[0])
+    owners: list[str] = []
+    while free and len(owners) < limit:
+        owners.extend(sid for _, sid in free[:limit - len(owners)])
+        free = [(n - 1, sid) for n, sid in free if n > 1]
+    return owners

@@ -60,7 +60,17 @@ def lease_ready_txn(
     nonce: str,
     now: float,
     expires_at: float,
+    owners: Sequence[str] = (),
 ) -> list[model.LeasedRun]:
+    """Lease up to `limit` ready runs, in lease order (priority DESC, run_at,
+    id); the n-th goes to `owners[n]` (at most len(owners) runs), or all to
+    `owner` when `owners` is empty."""
+    if owners:
+        limit = min(limit, len(owners))
+    else:
+        owners = [owner] * limit
+    if limit <= 0:
+        return []
     sql = d.sql("lease_ready", task_ids=d.in_list.format(param=":task_ids"))
     rows = conn.execute(
         sql,
@@ -68,7 +78,7 @@ def lease_ready_txn(
             "env": env,
             "task_ids": d.in_param(task_ids),
             "limit": limit,
-            "owner": owner,
+            "owners": d.in_param(list(owners[:limit])),
             "nonce": nonce,
             "now": now,
             "expires_at": expires_at,
@@ -90,7 +100,7 @@ def lease_ready_txn(
         d,
         (
             model.Event(run_id=r.id, type=model.EventType.LEASED, at=now, attempt=r.attempt,
-                        lease_id=r.lease_id, data=json.dumps({"owner": owner}))
+                        lease_id=r.lease_id, data=json.dumps({"owner": r.lease_owner}))
             for r in runs
         ),
     )

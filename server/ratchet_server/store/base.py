@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from ratchet_server import model
 from ratchet_server.store import _dialect, _rows, _runs, _tokens, _waits, _writes
+from ratchet_server.store.contract import ready_topic
 
 T = TypeVar("T")
 
@@ -153,13 +154,14 @@ class SqlStore(abc.ABC):
         def txn(conn: Any) -> list[tuple[model.Run, bool]]:
             result = _runs.create_runs_txn(conn, d, runs, time.time())
             if any(created for _, created in result):
-                self._notify_txn(conn, {r.env for r in runs})
+                self._notify_txn(conn, {ready_topic(r.env, r.task_id) for r in runs})
             return result
 
         return await self._run(txn)
 
-    def _notify_txn(self, conn: Any, envs: set[str]) -> None:
-        """Tell other coordinators, at commit, that runs became ready."""
+    def _notify_txn(self, conn: Any, topics: set[str]) -> None:
+        """Tell other coordinators, at commit, that runs became ready: of the
+        tasks the topics name (contract.ready_topic), "*" for any."""
 
     async def get_run(self, env: str | None, run_id: str) -> model.Run | None:
         def txn(conn: Any) -> model.Run | None:
@@ -243,7 +245,7 @@ class SqlStore(abc.ABC):
                 data=json.dumps({"from": "last checkpoint",
                                  "max_attempts": retry.max_attempts,
                                  "rerun_steps": list(rerun_steps)}))])
-            self._notify_txn(conn, {env})
+            self._notify_txn(conn, {ready_topic(env, run.task_id)})
             return run
 
         return await self._run(txn)
@@ -273,19 +275,19 @@ class SqlStore(abc.ABC):
 
     async def lease_ready(
         self, *, env: str, task_ids: Sequence[str], limit: int, owner: str, nonce: str,
-        ttl: float,
+        ttl: float, owners: Sequence[str] = (),
     ) -> list[model.LeasedRun]:
         def txn(conn: Any) -> list[model.LeasedRun]:
             now = time.time()
             return _runs.lease_ready_txn(conn, self.dialect, env=env, task_ids=task_ids,
                                         limit=limit, owner=owner, nonce=nonce, now=now,
-                                        expires_at=now + ttl)
+                                        expires_at=now + ttl, owners=owners)
 
         return await self._run(txn)
 
     async def next_run_at(self, env: str, task_ids: Sequence[str]) -> float | None:
         d = self.dialect
-        sql = d.sql("next_run_at", task_ids=d.in_list.format(param=":task_ids"))
+        sql = d.sql("next_run_at")
 
         def txn(conn: Any) -> float | None:
             row = conn.execute(sql, {"env": env, "task_ids": d.in_param(task_ids)}).fetchone()
@@ -488,7 +490,7 @@ class SqlStore(abc.ABC):
                                            lease_id=lease_id, step_key=step_key,
                                            children=children, wait=wait, now=time.time())
             if ids:
-                self._notify_txn(conn, {"*"})
+                self._notify_txn(conn, {ready_topic(c.env, c.task_id) for c in children})
             return ids
 
         return await self._run(txn)
@@ -507,8 +509,8 @@ class SqlStore(abc.ABC):
 
         return await self._run(txn)
 
-    async def listen(self, callback: Callable[[str], None]) -> None:
+    async def listen(self, callback: Callable[[str, str], None]) -> None:
         """Single-process stores have no other coordinator to hear from."""
 
     async def notify_ready(self, env: str) -> None:
-        await self._run(lambda c: self._notify_txn(c, {env}))
+        await self._run(lambda c: self._notify_txn(c, {ready_topic(env, "*")}))

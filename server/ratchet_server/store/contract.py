@@ -9,6 +9,7 @@ stuck), the engine hands in the rule as a function.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -23,6 +24,25 @@ class StoreUnavailable(RuntimeError):
 class StoreDataError(ValueError):
     """The database refused a value (a NUL character, a number out of range).
     The engine validates requests first; this is the last line of defence."""
+
+
+def ready_topic(env: str, task_id: str) -> str:
+    """What a "runs became ready" notification says: the environment and the
+    task ("*": any)."""
+    return json.dumps([env, task_id])
+
+
+def parse_ready_topic(text: str) -> tuple[str, str]:
+    """(env, task_id) from `ready_topic`; a bare environment or "*" (sent by
+    coordinators before issue 11) concerns every task."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, str) for v in value)):
+        return value[0], value[1]
+    return text, "*"
 
 
 def first_line(exc: BaseException) -> str:
@@ -66,8 +86,13 @@ class Store(Protocol):
 
     async def lease_ready(
         self, *, env: str, task_ids: Sequence[str], limit: int, owner: str, nonce: str,
-        ttl: float,
-    ) -> list[model.LeasedRun]: ...
+        ttl: float, owners: Sequence[str] = (),
+    ) -> list[model.LeasedRun]:
+        """Lease up to `limit` ready runs of the tasks, higher priority first,
+        then earlier run_at, then id. The n-th run in that order is owned by
+        `owners[n]` when `owners` is given (at most len(owners) runs), else
+        every run by `owner`."""
+        ...
     async def next_run_at(self, env: str, task_ids: Sequence[str]) -> float | None: ...
     async def renew_leases(self, owner: str, lease_ids: Sequence[str], ttl: float) -> int: ...
     async def adopt_leases(
@@ -121,8 +146,9 @@ class Store(Protocol):
         children: Sequence[model.NewRun], wait: bool,
     ) -> list[str] | None: ...
 
-    async def listen(self, callback: Callable[[str], None]) -> None:
-        """Call `callback(env)` when another coordinator made runs ready."""
+    async def listen(self, callback: Callable[[str, str], None]) -> None:
+        """Call `callback(env, task_id)` when another coordinator made runs
+        of that task ready ("*" for either: any)."""
         ...
 
     async def notify_ready(self, env: str) -> None: ...

@@ -29,7 +29,12 @@ from psycopg_pool import ConnectionPool
 
 from ratchet_server.store import _dialect
 from ratchet_server.store.base import SqlStore
-from ratchet_server.store.contract import StoreDataError, StoreUnavailable, first_line
+from ratchet_server.store.contract import (
+    StoreDataError,
+    StoreUnavailable,
+    first_line,
+    parse_ready_topic,
+)
 
 T = TypeVar("T")
 
@@ -137,7 +142,7 @@ class PostgresStore(SqlStore):
         for env in envs:
             conn.execute("SELECT pg_notify(%(ch)s, %(env)s)", {"ch": CHANNEL, "env": env})
 
-    async def listen(self, callback: Callable[[str], None]) -> None:
+    async def listen(self, callback: Callable[[str, str], None]) -> None:
         if not self.notify:
             return
         loop = asyncio.get_running_loop()
@@ -149,7 +154,8 @@ class PostgresStore(SqlStore):
                         conn.execute(f"LISTEN {CHANNEL}")
                         while not self._closing.is_set():
                             for note in conn.notifies(timeout=0.5):
-                                loop.call_soon_threadsafe(callback, note.payload)
+                                loop.call_soon_threadsafe(
+                                    callback, *parse_ready_topic(note.payload))
                 except psycopg.Error:
                     if self._closing.wait(0.5):
                         return

@@ -93,46 +93,100 @@ SELECT * FROM steps WHERE run_id = :run_id ORDER BY created_at, key
 SELECT * FROM steps WHERE run_id IN {ids} ORDER BY run_id, created_at, key
 
 -- name: lease_ready@sqlite
--- SQLite: one writer at a time, so no row locks are needed.
+-- SQLite: one writer at a time, so no row locks are needed. Ready runs of
+-- priority 0 (nearly all) come from runs_due in run_at order, bounded by
+-- `run_at <= :now`; the rare others from runs_ready_priority; the n-th run
+-- in lease order goes to the n-th entry of :owners (a JSON list).
 UPDATE runs SET
-    status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || id,
-    lease_owner = :owner, lease_expires_at = :expires_at,
+    status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || runs.id,
+    lease_owner = json_extract(:owners, '$[' || (chosen.n - 1) || ']'),
+    lease_expires_at = :expires_at,
     started_at = COALESCE(started_at, :now), updated_at = :now,
     deadline_at = COALESCE(deadline_at, :now + max_duration)
-WHERE id IN (
-    SELECT id FROM runs
-    WHERE env = :env AND status = 'QUEUED' AND task_id IN {task_ids} AND run_at <= :now
+FROM (
+    SELECT id, row_number() OVER (ORDER BY priority DESC, run_at, id) AS n FROM (
+        SELECT * FROM (
+            SELECT id, priority, run_at FROM runs
+            WHERE env = :env AND status = 'QUEUED' AND task_id IN {task_ids}
+              AND priority <> 0 AND run_at <= :now
+            ORDER BY priority DESC, run_at, id
+            LIMIT :limit)
+        UNION ALL
+        SELECT * FROM (
+            SELECT id, priority, run_at FROM runs
+            WHERE env = :env AND status = 'QUEUED' AND task_id IN {task_ids}
+              AND priority = 0 AND run_at <= :now
+            ORDER BY run_at, id
+            LIMIT :limit)
+    )
     ORDER BY priority DESC, run_at, id
     LIMIT :limit
-)
+) AS chosen
+WHERE runs.id = chosen.id
 RETURNING *
 
 -- name: lease_ready@postgres
--- Postgres: one ordered index scan per task (runs_ready), so the cost does not
--- grow with the number of queued runs; rows locked but not chosen by the outer
--- LIMIT stay locked only until this transaction ends.
-UPDATE runs SET
-    status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || runs.id,
-    lease_owner = :owner, lease_expires_at = :expires_at,
-    started_at = COALESCE(started_at, :now), updated_at = :now,
-    deadline_at = COALESCE(deadline_at, :now + max_duration)
-WHERE runs.id IN (
-    SELECT r.id FROM unnest(CAST(:task_ids AS text[])) AS t(task_id)
+-- Postgres: per task, two bounded index scans: ready runs of priority 0
+-- (nearly all) on runs_due, `run_at <= :now` bounding the range so delayed
+-- runs are never read, and the rare others on runs_ready_priority. The
+-- top :limit of each, merged in lease order (priority DESC, run_at, id), are
+-- the top :limit overall. Rows locked but not chosen by the outer LIMIT stay
+-- locked only until this transaction ends. The n-th run in lease order goes
+-- to the n-th entry of :owners (the dispatcher shares one lease among the
+-- sessions of a task set).
+WITH ready AS (
+    SELECT r.id, r.priority, r.run_at FROM unnest(CAST(:task_ids AS text[])) AS t(task_id)
     CROSS JOIN LATERAL (
         SELECT id, priority, run_at FROM runs
-        WHERE env = :env AND status = 'QUEUED' AND task_id = t.task_id AND run_at <= :now
+        WHERE env = :env AND status = 'QUEUED' AND task_id = t.task_id
+          AND priority <> 0 AND run_at <= :now
         ORDER BY priority DESC, run_at, id
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
     ) AS r
-    ORDER BY r.priority DESC, r.run_at, r.id
+    UNION ALL
+    SELECT r.id, r.priority, r.run_at FROM unnest(CAST(:task_ids AS text[])) AS t(task_id)
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at FROM runs
+        WHERE env = :env AND status = 'QUEUED' AND task_id = t.task_id
+          AND priority = 0 AND run_at <= :now
+        ORDER BY run_at, id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ) AS r
+), chosen AS (
+    SELECT id, row_number() OVER (ORDER BY priority DESC, run_at, id) AS n FROM ready
+    ORDER BY priority DESC, run_at, id
     LIMIT :limit
 )
-RETURNING *
+UPDATE runs SET
+    status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || runs.id,
+    lease_owner = (CAST(:owners AS text[]))[chosen.n],
+    lease_expires_at = :expires_at,
+    started_at = COALESCE(started_at, :now), updated_at = :now,
+    deadline_at = COALESCE(deadline_at, :now + max_duration)
+FROM chosen
+WHERE runs.id = chosen.id
+RETURNING runs.*
 
--- name: next_run_at
-SELECT MIN(run_at) AS next FROM runs
-WHERE env = :env AND status = 'QUEUED' AND task_id IN {task_ids}
+-- name: next_run_at@sqlite
+-- The earliest run_at among QUEUED runs of the tasks: one bounded look-up
+-- per task on runs_due (ORDER BY run_at LIMIT 1), not a scan of the backlog.
+SELECT MIN((SELECT run_at FROM runs
+            WHERE env = :env AND status = 'QUEUED' AND task_id = t.value
+            ORDER BY run_at LIMIT 1)) AS next
+FROM json_each(:task_ids) AS t
+
+-- name: next_run_at@postgres
+-- The earliest run_at among QUEUED runs of the tasks: one bounded look-up
+-- per task on runs_due (ORDER BY run_at LIMIT 1), not a scan of the backlog.
+SELECT MIN(n.run_at) AS next FROM unnest(CAST(:task_ids AS text[])) AS t(task_id)
+CROSS JOIN LATERAL (
+    SELECT run_at FROM runs
+    WHERE env = :env AND status = 'QUEUED' AND task_id = t.task_id
+    ORDER BY run_at
+    LIMIT 1
+) AS n
 
 -- name: renew_leases
 UPDATE runs SET lease_expires_at = :expires_at
