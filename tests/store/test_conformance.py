@@ -755,10 +755,11 @@ async def test_retention_deletes_finished_runs_in_batches(store: Store) -> None:
         assert await store.apply([transition(leased.run, model.RunStatus.COMPLETED)]) == [True]
     [waiting] = [r for r in await store.list_runs(model.RunFilter(env=ENV), 10, None)
                  if r.status is model.RunStatus.QUEUED]
-    assert await store.delete_finished(time.time() - 60, 10) == 0  # not old enough
-    assert await store.delete_finished(time.time() + 1, 1) == 1  # one batch of one
-    assert await store.delete_finished(time.time() + 1, 10) == 1
-    assert await store.delete_finished(time.time() + 1, 10) == 0
+    assert await store.delete_finished(time.time() - 60, 10) == (0, None)  # not old enough
+    deleted, after = await store.delete_finished(time.time() + 1, 1)  # one batch of one
+    assert deleted == 1 and after is not None
+    assert await store.delete_finished(time.time() + 1, 10, after) == (1, None)
+    assert await store.delete_finished(time.time() + 1, 10) == (0, None)
     for leased in done:
         assert await store.get_run(ENV, leased.run.id) is None
         assert await store.get_events(leased.run.id) == []
@@ -774,7 +775,7 @@ async def test_retention_keeps_children_of_unfinished_parents(store: Store) -> N
                                       parent_step_key="kid", child_index=0)],
         wait=True) or []
     assert await store.cancel_run(ENV, child_id) is not None  # final
-    assert await store.delete_finished(time.time() + 1, 10) == 0  # the parent still runs
+    assert await store.delete_finished(time.time() + 1, 10) == (0, None)  # the parent still runs
     assert await store.get_run(ENV, child_id) is not None
 
 

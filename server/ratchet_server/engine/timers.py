@@ -27,6 +27,10 @@ from ratchet_server.store import Store
 
 log = logging.getLogger("ratchet.timers")
 
+# Retention begins its walk again at the oldest finished run every this many
+# passes (retention_interval apart); between them it goes on from its cursor.
+RETENTION_REWALK = 10
+
 
 async def fire_due_timers(store: Store, limit: int) -> int:
     """End every wait whose due time has passed; the number that ended here."""
@@ -177,13 +181,29 @@ class TimersMixin(core.EngineBase):
             except Exception:
                 log.exception("timers failed; retrying")
 
+    # Retention's walk over finished runs (oldest first): where the last pass
+    # stopped, and passes since the walk last began at the oldest run.
+    _retention_after: tuple[float, str] | None = None
+    _retention_passes = 0
+
     async def _retention_loop_body(self) -> int:
+        """One pass: batches from a cursor, each reading the next
+        `retention_batch` finished runs whatever it deletes, so a child kept
+        for its unfinished parent is not read again by every batch. A pass
+        goes on from where the last one stopped (runs that become old enough
+        are newer than that); every RETENTION_REWALK passes it begins again at
+        the oldest run, for children whose parents have finished since."""
         assert self.config.retention is not None
         cutoff = time.time() - self.config.retention
+        if self._retention_passes % RETENTION_REWALK == 0:
+            self._retention_after = None
+        self._retention_passes += 1
         deleted = 0
         while True:
-            n = await self.store.delete_finished(cutoff, self.config.retention_batch)
+            n, after = await self.store.delete_finished(cutoff, self.config.retention_batch,
+                                                        self._retention_after)
             deleted += n
-            if n < self.config.retention_batch:
+            if after is None:
                 return deleted
+            self._retention_after = after
             await asyncio.sleep(0)  # small batches: let other work in between

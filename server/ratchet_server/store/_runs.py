@@ -43,6 +43,8 @@ def create_runs_txn(
         results.append((_rows.run_from_row(row), True))
     if plain:
         conn.cursor().executemany(d.sql("insert_run_plain"), plain)
+    insert_tags_txn(conn, d, [new for new, (_, created) in zip(runs, results, strict=True)
+                              if created], now)
     _rows.insert_events_txn(conn, d, (
         model.Event(run_id=run.id, type=model.EventType.TRIGGERED, at=now)
         for run, created in results if created))
@@ -107,6 +109,15 @@ def lease_ready_txn(
     return [model.LeasedRun(run=r, steps=tuple(steps[r.id])) for r in runs]
 
 
+def insert_tags_txn(conn: _dialect.Connection, d: _dialect.Dialect,
+                    runs: Sequence[model.NewRun], now: float) -> None:
+    """The run_tags rows of runs just created at `now` (ListRuns by tag)."""
+    rows = [{"run_id": r.id, "env": r.env, "tag": tag, "now": now}
+            for r in runs for tag in r.tags]
+    if rows:
+        conn.cursor().executemany(d.sql("insert_run_tag"), rows)
+
+
 def create_children_txn(
     conn: _dialect.Connection, d: _dialect.Dialect, *, parent: str, lease_id: str, step_key: str,
     children: Sequence[model.NewRun], wait: bool, now: float,
@@ -121,6 +132,7 @@ def create_children_txn(
         return ids  # a replay of the parent: the children exist already
     conn.cursor().executemany(d.sql("insert_run_plain"), [_rows.new_run_params(c, now)
                                                        for c in children])
+    insert_tags_txn(conn, d, children, now)
     ids = [c.id for c in children]
     conn.execute(d.sql("upsert_step"), {
         "run_id": parent, "key": step_key, "kind": model.StepKind.CHILD.value,
@@ -139,6 +151,26 @@ def create_children_txn(
     return ids
 
 
+def delete_finished_txn(
+    conn: _dialect.Connection, d: _dialect.Dialect, cutoff: float, limit: int,
+    after: tuple[float, str] | None,
+) -> tuple[int, tuple[float, str] | None]:
+    """One retention batch: the next `limit` finished runs older than `cutoff`
+    after the cursor `after`, deleted but for children of unfinished parents.
+    Returns the number deleted and the cursor for the next batch (the last
+    row read, deleted or kept), None once the walk has reached its end."""
+    after_at, after_id = after if after is not None else (-1.0, "")
+    page = conn.execute(d.sql("select_finished_page"), {
+        "cutoff": cutoff, "after_at": after_at, "after_id": after_id, "limit": limit,
+    }).fetchall()
+    if not page:
+        return 0, None
+    cur = conn.execute(d.sql("delete_finished", ids=d.in_list.format(param=":ids")),
+                       {"ids": d.in_param([r["id"] for r in page]), "cutoff": cutoff})
+    last = page[-1]
+    return int(cur.rowcount), (last["finished_at"], last["id"]) if len(page) == limit else None
+
+
 def list_runs_txn(
     conn: _dialect.Connection,
     d: _dialect.Dialect,
@@ -148,7 +180,10 @@ def list_runs_txn(
 ) -> list[model.Run]:
     filters: list[str] = []
     params: dict[str, Any] = {"env": flt.env, "limit": limit}
-    if flt.statuses:
+    if len(flt.statuses) == 1:
+        filters.append(d.text("list_filter_status_one"))
+        params["status"] = flt.statuses[0].value
+    elif flt.statuses:
         filters.append(d.text("list_filter_status").format(
             statuses=d.in_list.format(param=":statuses")))
         params["statuses"] = d.in_param([s.value for s in flt.statuses])
@@ -169,11 +204,12 @@ def list_runs_txn(
         params["created_before"] = flt.created_before
     if not flt.include_discarded:
         filters.append(d.text("list_filter_not_discarded"))
+    shape = "tagged" if flt.tag else "runs"  # a tag's runs are walked on run_tags
     if flt.tag:
-        filters.append(d.text("list_filter_tag"))
         params["tag"] = flt.tag
     if cursor is not None:
-        filters.append(d.text("list_filter_cursor"))
+        filters.append(d.text("list_filter_tagged_cursor" if flt.tag else "list_filter_cursor"))
         params["c_at"], params["c_id"] = cursor
-    sql = d.sql("list_run_summaries" if flt.summary else "list_runs", filters=" ".join(filters))
+    sql = d.sql("list_run_summaries" if flt.summary else "list_runs", filters=" ".join(filters),
+                source=d.text(f"list_source_{shape}"), order=d.text(f"list_order_{shape}"))
     return [_rows.run_from_row(r) for r in conn.execute(sql, params).fetchall()]

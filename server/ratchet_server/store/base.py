@@ -219,13 +219,11 @@ class SqlStore(abc.ABC):
 
         return await self._run(txn)
 
-    async def delete_finished(self, cutoff: float, limit: int) -> int:
-        def txn(conn: Any) -> int:
-            cur = conn.execute(self.dialect.sql("delete_finished"),
-                               {"cutoff": cutoff, "limit": limit})
-            return int(cur.rowcount)
-
-        return await self._run(txn)
+    async def delete_finished(
+        self, cutoff: float, limit: int, after: tuple[float, str] | None = None,
+    ) -> tuple[int, tuple[float, str] | None]:
+        return await self._run(
+            lambda c: _runs.delete_finished_txn(c, self.dialect, cutoff, limit, after))
 
     async def replay_run(self, env: str, run_id: str, retry: model.Retry,
                          rerun_steps: Sequence[str] = ()) -> model.Run | None:

@@ -393,9 +393,10 @@ UPDATE steps SET status = 'RUNNING', retry_base = attempts, wake_at = NULL, fini
 WHERE run_id = :run_id AND key = :key AND status = 'FAILED'
 
 -- name: list_runs
-SELECT * FROM runs
+-- {source} and {order}: list_source_* / list_order_* (the runs, or a tag's).
+SELECT runs.* FROM {source}
 WHERE env = :env {filters}
-ORDER BY created_at DESC, id DESC
+ORDER BY {order}
 LIMIT :limit
 
 -- name: list_run_summaries
@@ -406,13 +407,43 @@ SELECT id, env, task_id, status, attempt, '' AS payload, NULL AS output, error, 
        priority, retry, run_at, idempotency_key, concurrency_key, tags, metadata,
        parent_run_id, NULL AS state, lease_id, lease_owner, lease_expires_at, created_at,
        started_at, finished_at, replay_of, discarded_at, lease_losses, final_error
-FROM runs
+FROM {source}
 WHERE env = :env {filters}
-ORDER BY created_at DESC, id DESC
+ORDER BY {order}
 LIMIT :limit
+
+-- name: list_source_runs
+runs
+
+-- name: list_order_runs
+-- Every filter but a tag has an index in this order within env (migration 0009).
+created_at DESC, id DESC
+
+-- name: list_source_tagged
+-- A tag's runs, walked on run_tags_listing in the same order (its columns are
+-- named apart from the runs' so that the filters' names stay unambiguous).
+run_tags JOIN runs ON runs.id = run_tags.run_id
+    AND run_tags.run_env = :env AND run_tags.tag = :tag
+
+-- name: list_order_tagged
+run_created_at DESC, run_id DESC
+
+-- name: list_filter_tagged_cursor
+AND (run_created_at, run_id) < (:c_at, :c_id)
+
+-- name: insert_run_tag
+-- ListRuns by tag (list_source_tagged): one row per tag of a run, written
+-- with the run; a tag listed twice is one row. Deleted with the run.
+INSERT INTO run_tags (run_id, run_env, tag, run_created_at)
+VALUES (:run_id, :env, :tag, :now)
+ON CONFLICT DO NOTHING
 
 -- name: list_filter_status
 AND status IN {statuses}
+
+-- name: list_filter_status_one
+-- One status: an equality, so the scan of runs_list_status is in page order.
+AND status = :status
 
 -- name: list_filter_task
 AND task_id = :task_id
@@ -421,10 +452,11 @@ AND task_id = :task_id
 AND parent_run_id = :parent_run_id
 
 -- name: list_filter_error@sqlite
-AND json_extract(error, '$.type') = :error_type
+-- The expression and condition of the index runs_list_error, as written there.
+AND error IS NOT NULL AND json_extract(error, '$.type') = :error_type
 
 -- name: list_filter_error@postgres
-AND CAST(error AS jsonb) ->> 'type' = :error_type
+AND error IS NOT NULL AND CAST(error AS jsonb) ->> 'type' = :error_type
 
 -- name: list_filter_after
 AND created_at >= :created_after
@@ -441,32 +473,32 @@ WHERE env = :env AND id = :id
   AND status IN ('COMPLETED', 'FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
 RETURNING *
 
+-- name: select_finished_page
+-- Retention walks finished runs oldest first (runs_finished), a batch at a
+-- time, from the (finished_at, id) of the last row the batch before saw,
+-- kept or deleted: a child kept for its unfinished parent is read once per
+-- walk, not once per batch.
+SELECT id, finished_at FROM runs
+WHERE finished_at < :cutoff AND (finished_at, id) > (:after_at, :after_id)
+  AND status IN ('COMPLETED', 'FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
+ORDER BY finished_at, id
+LIMIT :limit
+
 -- name: delete_finished
--- Retention: finished runs go in small batches (steps and history cascade).
-DELETE FROM runs WHERE id IN (
-    SELECT id FROM runs
-    WHERE finished_at < :cutoff
-      AND status IN ('COMPLETED', 'FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
-      -- a child stays while its parent may still collect its result
-      AND NOT EXISTS (SELECT 1 FROM runs AS parent
-                      WHERE parent.id = runs.parent_run_id
-                        AND parent.status IN ('QUEUED', 'RUNNING', 'WAITING'))
-    ORDER BY finished_at
-    LIMIT :limit
-)
--- Checked again on the row being deleted: a replay that re-queued the run
--- after the subquery read it must win (READ COMMITTED re-evaluates these).
+-- Retention: the runs of a page go (steps and history cascade) ...
+DELETE FROM runs WHERE id IN {ids}
+  -- but a child stays while its parent may still collect its result
+  AND NOT EXISTS (SELECT 1 FROM runs AS parent
+                  WHERE parent.id = runs.parent_run_id
+                    AND parent.status IN ('QUEUED', 'RUNNING', 'WAITING'))
+  -- checked again on the row being deleted: a replay that re-queued the run
+  -- after the page was read must win (READ COMMITTED re-evaluates these).
   AND finished_at < :cutoff
   AND status IN ('COMPLETED', 'FAILED', 'CANCELED', 'EXPIRED', 'TIMED_OUT')
 
--- name: list_filter_tag@sqlite
-AND EXISTS (SELECT 1 FROM json_each(runs.tags) WHERE value = :tag)
-
--- name: list_filter_tag@postgres
-AND CAST(runs.tags AS jsonb) ? :tag
-
 -- name: list_filter_cursor
-AND (created_at < :c_at OR (created_at = :c_at AND id < :c_id))
+-- A row comparison: the index scan starts at the cursor instead of filtering up to it.
+AND (created_at, id) < (:c_at, :c_id)
 
 -- name: fence_run_state_batch
 UPDATE runs AS r SET state = COALESCE(v.state, r.state), updated_at = :now
