@@ -203,3 +203,34 @@ async def test_postgres_concurrent_shared_leases_take_each_run_once(pg_url: str)
     for i, batch in enumerate(batches):
         assert all(r.lease_owner is not None and r.lease_owner.startswith(f"s{i}.")
                    for r in batch)
+
+
+async def test_postgres_notification_names_the_env_and_task_that_became_ready(
+    pg_url: str,
+) -> None:
+    listener, other = await open_store(pg_url), await open_store(pg_url)
+    heard: list[tuple[str, str]] = []
+    try:
+        await listener.migrate()
+        await listener.listen(lambda env, task_id: heard.append((env, task_id)))
+        await asyncio.sleep(0.3)  # the listener thread has run LISTEN
+
+        async def hear(expected: set[tuple[str, str]]) -> None:
+            for _ in range(300):
+                if expected <= set(heard):
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"heard {heard}, not {expected}")
+
+        await create(other, new_run("a"), new_run("b", env="prod"), new_run("a"))
+        await hear({(ENV, "a"), ("prod", "b")})
+        heard.clear()
+        await other.notify_ready("prod")
+        await hear({("prod", "*")})
+        # What a coordinator from before this change sends: the environment alone.
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_notify('ratchet_ready', 'old-env')")
+        await hear({("old-env", "*")})
+    finally:
+        await other.close()
+        await listener.close()
