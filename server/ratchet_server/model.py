@@ -372,6 +372,23 @@ class WaitResolution:
 # inside the transaction that holds the run's row lock.
 WakeRule = Callable[[Sequence[str], Mapping[str, Step], float], bool]
 
+# What a child-wait step becomes once its children are all final: (parent run
+# id, step key, its children in trigger order, now) -> the resolution, or None
+# while a child is unfinished. The engine's rule, called by the store right
+# after the transaction of the child that finished last, holding the parent's
+# row lock.
+ChildWaitRule = Callable[[str, str, Sequence["ChildRun"], float], WaitResolution | None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChildRun:
+    """What a child-wait step's result says of one child (a Run has it too)."""
+
+    id: str
+    status: RunStatus
+    output: str | None
+    error: ErrorInfo | None
+
 
 class TokenStatus(enum.StrEnum):
     WAITING = "WAITING"

@@ -39,6 +39,7 @@ EXPECTED_COLUMNS = {
         "expires_at", "completed_at", "run_id", "step_key",
     },
     "ratchet_migrations": {"version", "name", "applied_at"},
+    "child_waits": {"parent_run_id", "step_key", "pending"},
     "run_tags": {"run_id", "run_env", "tag", "run_created_at"},
 }
 
@@ -63,7 +64,7 @@ def columns_written_by_sql() -> dict[str, set[str]]:
 def test_expected_columns_cover_every_insert_in_sql() -> None:
     written = columns_written_by_sql()
     assert set(written) == {"api_keys", "tasks", "runs", "steps", "run_events",
-                            "ratchet_migrations", "tokens", "run_tags"}
+                            "ratchet_migrations", "tokens", "child_waits", "run_tags"}
     for table, cols in written.items():
         assert cols <= EXPECTED_COLUMNS[table], table
 

@@ -57,6 +57,9 @@ class EngineConfig:
     # runs changed in the last `reconcile_settle` seconds (0 disables it).
     reconcile_interval: float = 5.0
     reconcile_settle: float = 5.0
+    # A child wait ends in its last child's transaction; this sweep over
+    # pending child waits is the safety net under that (0 disables it).
+    child_sweep_interval: float = 15.0
     # The dispatcher looks for ready runs at least this often, woken or not:
     # the bound on how late a run made ready on another coordinator starts
     # when there is no NOTIFY to wake this one (`ratchet server --no-notify`).
@@ -141,6 +144,8 @@ class EngineBase:
         self._task_cache: dict[tuple[str, str], tuple[float, model.TaskDef | None]] = {}
         self._schemas = SchemaCache()
         self._wake = asyncio.Event()
+        store.use_child_wait_rules(policy.child_wait_outcome, policy.counts_as_woken,
+                                   self._wake.set)
         self.writes = writes.GroupCommit(store, self.config.max_write_batch,
                                          self.config.write_concurrency)
         self._loops: list[asyncio.Task[None]] = []

@@ -10,7 +10,8 @@ Background loops, all started by `start()` and stopped by `stop()`:
   a task a session here serves with a free slot), and by the
   next due `run_at` (retry backoff, delay);
 - the timer loop requeues (or fails) runs whose lease expired, and fires
-  sleeps, token timeouts, TTL, max duration and finished child waits;
+  sleeps, token timeouts, TTL and max duration (a child wait ends in
+  its last child's store call; the child sweep is its safety net);
 - the writer applies fenced writes from many runs in one transaction.
 """
 
@@ -56,7 +57,8 @@ class Engine(TokensMixin, RunsMixin, SessionsMixin, LeasesMixin, timers.TimersMi
         for name, coro in (("dispatcher", self._dispatch_loop()),
                            ("writer", self.writes.run()), ("timers", self._timer_loop()),
                            ("retention", self._retention_loop()),
-                           ("reconciler", self._reconcile_loop())):
+                           ("reconciler", self._reconcile_loop()),
+                           ("child sweep", self._child_sweep_loop())):
             self._loops.append(asyncio.create_task(coro, name=f"ratchet-{name}"))
 
     async def stop(self) -> None:

@@ -281,7 +281,7 @@ def token_wait(base: model.StepWrite) -> model.TokenWaitRule:
     return rule
 
 
-def child_results(children: Sequence[model.Run]) -> str | None:
+def child_results(children: Sequence[model.Run] | Sequence[model.ChildRun]) -> str | None:
     """The output of a child-wait step: one entry per child, in trigger
     order, or None while any child is unfinished."""
     if any(not c.status.is_final for c in children):
@@ -303,6 +303,15 @@ def children_outcome(run_id: str, key: str, results: str,
         finished_at=now,
         events=(model.Event(run_id=run_id, type=model.EventType.WAIT_COMPLETED, at=now,
                             step_key=key),))
+
+
+def child_wait_outcome(run_id: str, key: str,
+                       children: Sequence[model.Run] | Sequence[model.ChildRun],
+                       now: float) -> model.WaitResolution | None:
+    """What a child-wait step becomes (a `model.ChildWaitRule`): completed
+    with the children's results once all are final, else None."""
+    results = child_results(children)
+    return None if results is None else children_outcome(run_id, key, results, now)
 
 
 def stuck_reason(run: model.Run, waiting_on: Sequence[str],

@@ -2,8 +2,10 @@
 
 - `fire_due_timers`: sleeps complete, tokens time out, retrying steps whose
   next attempt is due wake their run.
-- `finish_child_waits`: a child-wait step completes once all its children
-  are final.
+- `finish_child_waits`: the safety net under child waits, at a low rate
+  (`child_sweep_interval`). A child wait ends in the transaction of its last
+  child (store/_waits.children_final_txn counts the children down); a wait
+  this sweep still finds ended is one that count missed, logged and counted.
 - `Reconciler`: the invariant check of DESIGN §3 over unfinished runs; a run
   that nothing would ever move again is repaired (queued again, or handed to
   the lease reaper), logged with its id and counted.
@@ -44,16 +46,22 @@ async def fire_due_timers(store: Store, limit: int) -> int:
 
 
 async def finish_child_waits(store: Store, limit: int) -> int:
-    """Complete child waits whose children have all finished."""
+    """Complete child waits whose children have all finished: the number
+    completed here, each one that the last child's transaction missed."""
     now = time.time()
     resolutions = []
     for run_id, key, children in await store.child_wait_candidates(limit):
-        results = policy.child_results(children)
-        if results is not None:
-            resolutions.append(policy.children_outcome(run_id, key, results, now))
+        resolution = policy.child_wait_outcome(run_id, key, children, now)
+        if resolution is not None:
+            resolutions.append(resolution)
     if not resolutions:
         return 0
-    return sum(await store.resolve_waits(resolutions, policy.counts_as_woken))
+    applied = await store.resolve_waits(resolutions, policy.counts_as_woken)
+    missed = [f"{r.run_id}/{r.key}" for r, ok in zip(resolutions, applied, strict=True) if ok]
+    if missed:
+        log.warning("child-wait sweep: %d wait(s) ended here, missed by their children's "
+                    "count: %s", len(missed), ", ".join(missed[:20]))
+    return len(missed)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,6 +129,8 @@ class TimersMixin(core.EngineBase):
     """The loops behind due times: timers, the reconciler, retention."""
 
     reconciler: Reconciler
+    # Child waits the safety-net sweep ended (their children's count missed them).
+    child_waits_missed: int = 0
 
     async def _retention_loop(self) -> None:
         """Delete finished runs past the retention period, in small batches."""
@@ -136,6 +146,23 @@ class TimersMixin(core.EngineBase):
             except Exception:
                 log.exception("retention failed; retrying")
             await asyncio.sleep(self.config.retention_interval)
+
+    async def _child_sweep_loop(self) -> None:
+        """The safety net under child waits (the last child's transaction ends
+        them): what it ends is logged and counted in `child_waits_missed`."""
+        if not self.config.child_sweep_interval:
+            return
+        while True:
+            await asyncio.sleep(self.config.child_sweep_interval)
+            try:
+                missed = await finish_child_waits(self.store, limit=500)
+                if missed:
+                    self.child_waits_missed += missed
+                    self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("child-wait sweep failed; retrying")
 
     async def _reconcile_loop(self) -> None:
         """The safety net under every wake-up path (DESIGN §3)."""
@@ -153,8 +180,9 @@ class TimersMixin(core.EngineBase):
 
     async def _timer_loop(self) -> None:
         """Every due time that needs an action goes through here: lease
-        expiry, sleeps, token timeouts, TTL, max duration, and child-run waits
-        whose children have all finished. (Delays and retry backoff need no
+        expiry, sleeps, token timeouts, TTL and max duration. (Child waits end
+        in their last child's transaction; `_child_sweep_loop` is their safety
+        net.) (Delays and retry backoff need no
         action: a run is ready once its run_at has passed, and the dispatcher
         wakes for the next one.) Each ends once, under its run's row lock,
         whichever coordinator gets there first, and none is lost when a
@@ -169,8 +197,6 @@ class TimersMixin(core.EngineBase):
                     await self._lose_leases(refs, "the lease expired without a heartbeat",
                                             expired_before=time.time())
                 if await fire_due_timers(self.store, limit=500):
-                    self._wake.set()
-                if await finish_child_waits(self.store, limit=500):
                     self._wake.set()
                 await self.store.expire_runs(limit=500)
                 for ref in await self.store.time_out_runs(500, policy.MAX_DURATION_EXCEEDED):

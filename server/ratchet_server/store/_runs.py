@@ -140,6 +140,10 @@ def create_children_txn(
         "attempts": 1, "retry_base": 0, "output": None if wait else json.dumps(ids),
         "error": None, "now": now, "started_at": now, "finished_at": None if wait else now,
         "wake_at": None, "token_id": None, "state": None})
+    if wait:
+        # The last child's own transaction ends the wait (_waits.children_final_txn).
+        conn.execute(d.sql("insert_child_wait"),
+                     {"run_id": parent, "key": step_key, "pending": len(ids)})
     _rows.insert_events_txn(conn, d, [
         *(model.Event(run_id=c.id, type=model.EventType.TRIGGERED, at=now,
                       data=json.dumps({"parent_run_id": parent, "step_key": step_key}))

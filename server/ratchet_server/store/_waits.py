@@ -14,11 +14,15 @@ Nothing here decides an outcome: the engine hands in what a step becomes
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ratchet_server import model
 from ratchet_server.store import _dialect, _rows
+
+log = logging.getLogger("ratchet.store")
 
 
 def waiting_on(row: _dialect.Row) -> tuple[str, ...]:
@@ -90,6 +94,80 @@ def resolve_waits_txn(
         if events and wake_if_ready_txn(conn, d, run_id, rule, now, "a wait ended"):
             woken.append(run_id)
     return applied, woken
+
+
+# The engine's rules for a child wait, installed by the engine
+# (Store.use_child_wait_rules): what the step becomes, when its run wakes.
+ChildRules = tuple[model.ChildWaitRule, model.WakeRule]
+
+
+def _children_of(conn: _dialect.Connection, d: _dialect.Dialect,
+                 run_ids: Sequence[str]) -> Counter[tuple[str, str]]:
+    if not run_ids:
+        return Counter()
+    rows = conn.execute(d.sql("select_child_parents", ids=d.in_list.format(param=":ids")),
+                        {"ids": d.in_param(list(run_ids))}).fetchall()
+    return Counter((r["parent_run_id"], r["parent_step_key"]) for r in rows)
+
+
+def children_reopened_txn(conn: _dialect.Connection, d: _dialect.Dialect,
+                          run_ids: Sequence[str]) -> None:
+    """Final runs queued again (replay): a child counts again while its
+    parent's wait is pending. Call after their row update (child row first)."""
+    for (parent, key), n in sorted(_children_of(conn, d, run_ids).items()):
+        conn.execute(d.sql("count_child_wait"), {"run_id": parent, "key": key, "n": -n})
+
+
+def children_final_txn(conn: _dialect.Connection, d: _dialect.Dialect,
+                       run_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """Runs this transaction made final (call after their row updates): count
+    their parents' waits down. Returns the waits that reached 0, for
+    `end_child_wait_txn` to end right after this transaction commits.
+
+    Lock order (docs/architecture.md): the children's rows (held already),
+    then the `child_waits` rows in (parent, key) order, and no run row after
+    a `child_waits` row: a group commit holding a parent's row (its own write)
+    may count down a wait of another parent, so locking a parent here would
+    close a cycle."""
+    reached: list[tuple[str, str]] = []
+    for (parent, key), n in sorted(_children_of(conn, d, run_ids).items()):
+        row = conn.execute(d.sql("count_child_wait"),
+                           {"run_id": parent, "key": key, "n": n}).fetchone()
+        if row is not None and row["pending"] <= 0:
+            reached.append((parent, key))
+    return reached
+
+
+def end_child_wait_txn(conn: _dialect.Connection, d: _dialect.Dialect, parent: str, key: str,
+                       rules: ChildRules, now: float) -> list[str]:
+    """End a wait whose count reached 0 (its last child's transaction has
+    committed): under the parent's row lock, then the count's, the engine's
+    rule makes the step's result from the children and the parent wakes if
+    it is waiting. Returns the run woken. A wait ended meanwhile (another
+    call, the sweep) or counted up again (a replayed child) is left alone."""
+    if lock_run_txn(conn, d, parent) is None:  # deleted by retention meanwhile
+        conn.execute(d.sql("delete_child_wait"), {"run_id": parent, "key": key})
+        return []
+    row = conn.execute(d.sql("lock_child_wait", for_update=d.for_update),
+                       {"run_id": parent, "key": key}).fetchone()
+    if row is None or row["pending"] > 0:
+        return []
+    outcome, wake = rules
+    children = [model.ChildRun(id=c["id"], status=model.RunStatus(c["status"]),
+                               output=c["output"], error=_rows.error_from_json(c["error"]))
+                for c in conn.execute(d.sql("select_children"),
+                                      {"run_id": parent, "key": key}).fetchall()]
+    resolution = outcome(parent, key, children, now)
+    if resolution is None:
+        # The count was off (it must not be): count again, from the children.
+        pending = conn.execute(d.sql("count_unfinished_children"),
+                               {"run_id": parent, "key": key}).fetchone()["n"]
+        log.warning("child wait %s/%s: counted 0 with %d unfinished children",
+                    parent, key, pending)
+        conn.execute(d.sql("set_child_wait"), {"run_id": parent, "key": key, "pending": pending})
+        return []
+    conn.execute(d.sql("delete_child_wait"), {"run_id": parent, "key": key})
+    return resolve_waits_txn(conn, d, [resolution], wake, now)[1]
 
 
 def due_steps_txn(conn: _dialect.Connection, d: _dialect.Dialect, now: float,

@@ -21,9 +21,23 @@ def apply_writes_txn(
 
     Runs are locked in id order (each run's writes keep their order), the
     same order every multi-run transaction uses, so two group commits and a
-    timer sweep never deadlock on each other."""
+    timer sweep never deadlock on each other. The caller then counts down
+    the child waits of the runs made final (`made_final`,
+    `_waits.children_final_txn`), after every run row of the batch."""
     if d.batch_writes and _batchable(writes):
         return _apply_batched_txn(conn, d, writes, now)
+    return _apply_each_txn(conn, d, writes, now)
+
+
+def made_final(writes: Sequence[model.FencedWrite], applied: Sequence[bool]) -> list[str]:
+    """The runs that the applied writes made final."""
+    return [w.run_id for w, ok in zip(writes, applied, strict=True)
+            if ok and isinstance(w, model.RunTransition) and w.status.is_final]
+
+
+def _apply_each_txn(
+    conn: _dialect.Connection, d: _dialect.Dialect, writes: Sequence[model.FencedWrite], now: float
+) -> list[bool]:
     applied = [False] * len(writes)
     fence_sql = d.sql("fence_run_state")
     step_sql = d.sql("upsert_step")

@@ -32,6 +32,45 @@ class SqlStore(abc.ABC):
 
     def __init__(self, threads: int) -> None:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ratchet-db")
+        # The engine's child-wait rules (use_child_wait_rules); without them a
+        # child wait is left to the engine's sweep.
+        self._child_rules: _waits.ChildRules | None = None
+        self._child_woke: Callable[[], None] | None = None
+
+    def use_child_wait_rules(self, outcome: model.ChildWaitRule, wake: model.WakeRule,
+                             woke: Callable[[], None]) -> None:
+        """The engine's rules for the transaction of a wait's last child to
+        end the wait (store/_waits.children_final_txn), and what to call, after
+        the commit, when that woke a parent."""
+        self._child_rules = (outcome, wake)
+        self._child_woke = woke
+
+    def _children_final_txn(self, conn: Any, run_ids: Sequence[str]) -> list[tuple[str, str]]:
+        """Runs made final in this transaction: count their waits down."""
+        return _waits.children_final_txn(conn, self.dialect, run_ids) if run_ids else []
+
+    async def _end_child_waits(self, reached: Sequence[tuple[str, str]]) -> None:
+        """After the commit that counted them to 0: end those waits, one
+        transaction each (parent row first: docs/architecture.md, lock order).
+        Without the engine's rules they are left to its sweep."""
+        rules = self._child_rules
+        if rules is None:
+            return
+        woken = False
+        for parent, key in reached:
+            def txn(conn: Any, parent: str = parent, key: str = key) -> bool:
+                if not _waits.end_child_wait_txn(conn, self.dialect, parent, key, rules,
+                                                 time.time()):
+                    return False
+                self._notify_txn(conn, {"*"})
+                return True
+
+            try:
+                woken = await self._run(txn) or woken
+            except Exception:  # the writes have committed: the sweep ends this wait
+                _waits.log.exception("ending child wait %s/%s failed", parent, key)
+        if woken and self._child_woke is not None:
+            self._child_woke()
 
     @abc.abstractmethod
     def _transaction(self, fn: Callable[[Any], T]) -> T:
@@ -235,6 +274,8 @@ class SqlStore(abc.ABC):
             if row is None:
                 return None
             run = _rows.run_from_row(row)
+            if run.parent_run_id is not None:
+                _waits.children_reopened_txn(conn, self.dialect, [run.id])
             if rerun_steps:
                 conn.cursor().executemany(self.dialect.sql("rerun_failed_step"), [
                     {"run_id": run.id, "key": key} for key in rerun_steps])
@@ -255,6 +296,8 @@ class SqlStore(abc.ABC):
             lambda c: _runs.list_runs_txn(c, self.dialect, flt, limit, cursor))
 
     async def cancel_run(self, env: str, run_id: str) -> model.Run | None:
+        reached: list[tuple[str, str]] = []
+
         def txn(conn: Any) -> model.Run | None:
             now = time.time()
             row = conn.execute(self.dialect.sql("cancel_run"),
@@ -265,9 +308,13 @@ class SqlStore(abc.ABC):
             _rows.insert_events_txn(conn, self.dialect, [model.Event(
                 run_id=run.id, type=model.EventType.CANCELED, at=now, attempt=run.attempt,
                 lease_id=run.lease_id)])
+            if run.parent_run_id is not None:
+                reached[:] = self._children_final_txn(conn, [run.id])
             return run
 
-        return await self._run(txn)
+        result = await self._run(txn)
+        await self._end_child_waits(reached)
+        return result
 
     # --- leases -----------------------------------------------------------------
 
@@ -350,8 +397,12 @@ class SqlStore(abc.ABC):
             # The per-step hot path: one round trip, no BEGIN and COMMIT.
             return await self._run_statement(lambda conn: _writes.apply_step_writes_txn(
                 conn, self.dialect, writes, time.time()))
+        reached: list[tuple[str, str]] = []
+
         def txn(conn: Any) -> list[bool]:
-            result = _writes.apply_writes_txn(conn, self.dialect, writes, time.time())
+            now = time.time()
+            result = _writes.apply_writes_txn(conn, self.dialect, writes, now)
+            reached[:] = self._children_final_txn(conn, _writes.made_final(writes, result))
             requeued = {w.run_id for w, ok in zip(writes, result, strict=True)
                         if ok and isinstance(w, model.RunTransition)
                         and w.status in (model.RunStatus.QUEUED, model.RunStatus.WAITING)}
@@ -359,7 +410,9 @@ class SqlStore(abc.ABC):
                 self._notify_txn(conn, {"*"})
             return result
 
-        return await self._run(txn)
+        applied = await self._run(txn)
+        await self._end_child_waits(reached)
+        return applied
 
     # --- timers and waits ---------------------------------------------------------
 
@@ -450,6 +503,7 @@ class SqlStore(abc.ABC):
 
     async def expire_runs(self, limit: int) -> list[str]:
         d = self.dialect
+        reached: list[tuple[str, str]] = []
 
         def txn(conn: Any) -> list[str]:
             now = time.time()
@@ -458,12 +512,16 @@ class SqlStore(abc.ABC):
             _rows.insert_events_txn(conn, d, (model.Event(
                 run_id=r["id"], type=model.EventType.EXPIRED, at=now, attempt=r["attempt"])
                 for r in rows))
+            reached[:] = self._children_final_txn(conn, [r["id"] for r in rows])
             return [r["id"] for r in rows]
 
-        return await self._run(txn)
+        expired = await self._run(txn)
+        await self._end_child_waits(reached)
+        return expired
 
     async def time_out_runs(self, limit: int, error: model.ErrorInfo) -> list[model.LeaseRef]:
         d = self.dialect
+        reached: list[tuple[str, str]] = []
 
         def txn(conn: Any) -> list[model.LeaseRef]:
             now = time.time()
@@ -473,11 +531,14 @@ class SqlStore(abc.ABC):
             _rows.insert_events_txn(conn, d, (model.Event(
                 run_id=r["id"], type=model.EventType.TIMED_OUT, at=now, attempt=r["attempt"],
                 lease_id=r["lease_id"]) for r in rows))
+            reached[:] = self._children_final_txn(conn, [r["id"] for r in rows])
             return [model.LeaseRef(run_id=r["id"], lease_id=r["lease_id"] or "",
                                    attempt=r["attempt"], retry=model.NO_RETRY,
                                    lease_owner=r["lease_owner"]) for r in rows]
 
-        return await self._run(txn)
+        refs = await self._run(txn)
+        await self._end_child_waits(reached)
+        return refs
 
     async def create_children(
         self, *, parent: str, lease_id: str, step_key: str,
@@ -494,6 +555,8 @@ class SqlStore(abc.ABC):
         return await self._run(txn)
 
     async def cancel_children(self, parent_run_id: str) -> list[model.Run]:
+        reached: list[tuple[str, str]] = []
+
         def txn(conn: Any) -> list[model.Run]:
             now = time.time()
             rows = conn.execute(self.dialect.sql("cancel_children"),
@@ -503,9 +566,12 @@ class SqlStore(abc.ABC):
                 run_id=r.id, type=model.EventType.CANCELED, at=now, attempt=r.attempt,
                 lease_id=r.lease_id, data=json.dumps({"reason": "parent canceled"}))
                 for r in runs))
+            reached[:] = self._children_final_txn(conn, [r.id for r in runs])
             return runs
 
-        return await self._run(txn)
+        canceled = await self._run(txn)
+        await self._end_child_waits(reached)
+        return canceled
 
     async def listen(self, callback: Callable[[str, str], None]) -> None:
         """Single-process stores have no other coordinator to hear from."""

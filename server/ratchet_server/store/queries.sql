@@ -564,7 +564,8 @@ WHERE id = :run_id AND status = 'WAITING'
 SELECT * FROM steps WHERE status = 'RUNNING' AND wake_at <= :now ORDER BY wake_at LIMIT :limit
 
 -- name: select_child_wait_candidates
--- Candidates only: the engine decides from the children themselves.
+-- The safety net under child_waits (engine/timers.finish_child_waits, at a low
+-- rate). Candidates only: the engine decides from the children themselves.
 SELECT s.run_id, s.key FROM steps AS s
 WHERE s.status = 'RUNNING' AND s.kind = 'child'
   AND NOT EXISTS (
@@ -576,6 +577,36 @@ LIMIT :limit
 -- name: select_child_runs
 SELECT * FROM runs WHERE parent_run_id = :run_id AND parent_step_key = :key
 ORDER BY child_index
+
+-- name: insert_child_wait
+-- A child-wait step counts its unfinished children (migration 0008).
+INSERT INTO child_waits (parent_run_id, step_key, pending) VALUES (:run_id, :key, :pending)
+
+-- name: select_child_parents
+-- Which of these runs (just made final, or queued again) are children, of which wait.
+SELECT parent_run_id, parent_step_key FROM runs
+WHERE id IN {ids} AND parent_run_id IS NOT NULL
+
+-- name: count_child_wait
+-- Counts a wait's children down (:n > 0, children made final) or up (:n < 0,
+-- final children queued again); no row: the wait has ended, nothing to count.
+UPDATE child_waits SET pending = pending - :n
+WHERE parent_run_id = :run_id AND step_key = :key
+RETURNING pending
+
+-- name: lock_child_wait
+SELECT pending FROM child_waits WHERE parent_run_id = :run_id AND step_key = :key {for_update}
+
+-- name: set_child_wait
+UPDATE child_waits SET pending = :pending WHERE parent_run_id = :run_id AND step_key = :key
+
+-- name: delete_child_wait
+DELETE FROM child_waits WHERE parent_run_id = :run_id AND step_key = :key
+
+-- name: count_unfinished_children
+SELECT COUNT(*) AS n FROM runs
+WHERE parent_run_id = :run_id AND parent_step_key = :key
+  AND status IN ('QUEUED', 'RUNNING', 'WAITING')
 
 -- name: select_token_step
 SELECT steps.*, runs.status AS run_status
