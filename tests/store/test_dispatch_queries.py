@@ -157,7 +157,7 @@ async def test_postgres_dispatch_statements_use_the_ready_indexes_with_a_backlog
         conn.execute("ANALYZE runs")
         params = {"env": ENV, "task_ids": ["t0", "t1", "t2", "t3"], "limit": 10,
                   "owner": "o", "owners": ["o"] * 10, "nonce": "n", "now": now,
-                  "expires_at": now + 30}
+                  "expires_at": now + 30, "event_type": "leased"}
         with conn.transaction():
             lease_plan = explain(conn, "lease_ready", params)
             next_plan = explain(conn, "next_run_at", params)

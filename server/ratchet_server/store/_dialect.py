@@ -83,6 +83,9 @@ class Dialect:
     # A batch of step writes alone may go as one statement in autocommit
     # (apply_step_writes): one round trip per checkpoint.
     one_statement_steps: bool
+    # lease_ready writes the LEASED history itself and says which runs have
+    # steps (has_steps), so a lease of new runs is one statement in autocommit.
+    one_statement_lease: bool
     # Run first in a transaction whose statements must all see one snapshot
     # ("" where a transaction already does: SQLite's one writer).
     consistent_read: str
@@ -115,6 +118,7 @@ SQLITE = Dialect(
     encode_list=json.dumps,
     batch_writes=False,
     one_statement_steps=False,
+    one_statement_lease=False,
     consistent_read="",
     translate=lambda s: s,
 )
@@ -126,6 +130,7 @@ POSTGRES = Dialect(
     encode_list=lambda values: values,
     batch_writes=True,
     one_statement_steps=True,
+    one_statement_lease=True,
     consistent_read="SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
     translate=to_pyformat,
 )

@@ -84,6 +84,7 @@ def lease_ready_txn(
             "nonce": nonce,
             "now": now,
             "expires_at": expires_at,
+            "event_type": model.EventType.LEASED.value,
         },
     ).fetchall()
     if not rows:
@@ -91,12 +92,18 @@ def lease_ready_txn(
     runs = sorted((_rows.run_from_row(r) for r in rows),
                   key=lambda r: (-r.priority, r.run_at, r.id))
     steps: dict[str, list[model.Step]] = {r.id: [] for r in runs}
-    step_rows = conn.execute(
-        d.sql("select_steps_of", ids=d.in_list.format(param=":ids")),
-        {"ids": d.in_param(list(steps))},
-    ).fetchall()
-    for row in step_rows:
-        steps[row["run_id"]].append(_rows.step_from_row(row))
+    # A run leased for the first time has no steps: no read for it.
+    with_steps = [r["id"] for r in rows if r["has_steps"]] if d.one_statement_lease \
+        else list(steps)
+    if with_steps:
+        step_rows = conn.execute(
+            d.sql("select_steps_of", ids=d.in_list.format(param=":ids")),
+            {"ids": d.in_param(with_steps)},
+        ).fetchall()
+        for row in step_rows:
+            steps[row["run_id"]].append(_rows.step_from_row(row))
+    if d.one_statement_lease:  # the statement wrote the history
+        return [model.LeasedRun(run=r, steps=tuple(steps[r.id])) for r in runs]
     _rows.insert_events_txn(
         conn,
         d,

@@ -80,9 +80,11 @@ class SqlStore(abc.ABC):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._transaction, fn)
 
-    async def _run_statement(self, fn: Callable[[Any], T]) -> T:
-        """Run `fn(conn)`, which sends exactly one statement, as its own
-        transaction where the database allows it (else as `_run` does)."""
+    async def _run_autocommit(self, fn: Callable[[Any], T]) -> T:
+        """Run `fn(conn)` with each of its statements committed on its own,
+        where the database allows it (else in one transaction, as `_run`):
+        for work whose statements need no common transaction (one statement,
+        or a read after a statement that has decided everything)."""
         return await self._run(fn)
 
     async def connect(self) -> None:
@@ -328,6 +330,10 @@ class SqlStore(abc.ABC):
                                         limit=limit, owner=owner, nonce=nonce, now=now,
                                         expires_at=now + ttl, owners=owners)
 
+        if self.dialect.one_statement_lease:
+            # The lease and its history in one statement; the snapshot's steps
+            # (only runs that have some) are read after it has committed.
+            return await self._run_autocommit(txn)
         return await self._run(txn)
 
     async def next_run_at(self, env: str, task_ids: Sequence[str]) -> float | None:
@@ -395,7 +401,7 @@ class SqlStore(abc.ABC):
     async def apply(self, writes: Sequence[model.FencedWrite]) -> list[bool]:
         if _writes.one_statement(self.dialect, writes):
             # The per-step hot path: one round trip, no BEGIN and COMMIT.
-            return await self._run_statement(lambda conn: _writes.apply_step_writes_txn(
+            return await self._run_autocommit(lambda conn: _writes.apply_step_writes_txn(
                 conn, self.dialect, writes, time.time()))
         reached: list[tuple[str, str]] = []
 

@@ -89,7 +89,7 @@ class PostgresStore(SqlStore):
 
         await asyncio.to_thread(check)
 
-    def _transaction(self, fn: Callable[[Any], T], *, one_statement: bool = False) -> T:
+    def _transaction(self, fn: Callable[[Any], T], *, autocommit: bool = False) -> T:
         # Transaction functions only touch the database (their NOTIFYs are
         # sent at commit, if ever), so one that lost a deadlock (concurrent
         # group commits locking rows in another order) or a serialization
@@ -97,8 +97,9 @@ class PostgresStore(SqlStore):
         for attempt in range(TRANSACTION_ATTEMPTS):
             try:
                 with self._pool.connection() as conn:
-                    if one_statement:
-                        # Committed on its own: no BEGIN and COMMIT round trips.
+                    if autocommit:
+                        # Each statement committed on its own: no BEGIN and
+                        # COMMIT round trips.
                         conn.autocommit = True
                         try:
                             return fn(conn)
@@ -122,11 +123,11 @@ class PostgresStore(SqlStore):
         except psycopg.Error as exc:
             raise _translate(exc) from exc
 
-    async def _run_statement(self, fn: Callable[[Any], T]) -> T:
+    async def _run_autocommit(self, fn: Callable[[Any], T]) -> T:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                self._executor, functools.partial(self._transaction, fn, one_statement=True))
+                self._executor, functools.partial(self._transaction, fn, autocommit=True))
         except psycopg.Error as exc:
             raise _translate(exc) from exc
 

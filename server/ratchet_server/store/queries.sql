@@ -133,7 +133,9 @@ RETURNING *
 -- the top :limit overall. Rows locked but not chosen by the outer LIMIT stay
 -- locked only until this transaction ends. The n-th run in lease order goes
 -- to the n-th entry of :owners (the dispatcher shares one lease among the
--- sessions of a task set).
+-- sessions of a task set). The same statement writes each lease's history
+-- (LEASED, in lease order) and says which leased runs have steps to load, so
+-- that leasing new runs costs one round trip.
 WITH ready AS (
     SELECT r.id, r.priority, r.run_at FROM unnest(CAST(:task_ids AS text[])) AS t(task_id)
     CROSS JOIN LATERAL (
@@ -158,16 +160,24 @@ WITH ready AS (
     SELECT id, row_number() OVER (ORDER BY priority DESC, run_at, id) AS n FROM ready
     ORDER BY priority DESC, run_at, id
     LIMIT :limit
+), leased AS (
+    UPDATE runs SET
+        status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || runs.id,
+        lease_owner = (CAST(:owners AS text[]))[chosen.n],
+        lease_expires_at = :expires_at,
+        started_at = COALESCE(started_at, :now), updated_at = :now,
+        deadline_at = COALESCE(deadline_at, :now + max_duration)
+    FROM chosen
+    WHERE runs.id = chosen.id
+    RETURNING runs.*, chosen.n
+), logged AS (
+    INSERT INTO run_events (run_id, at, type, attempt, lease_id, data)
+    SELECT id, :now, :event_type, attempt, lease_id,
+           CAST(json_build_object('owner', lease_owner) AS text)
+    FROM leased ORDER BY n
 )
-UPDATE runs SET
-    status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || runs.id,
-    lease_owner = (CAST(:owners AS text[]))[chosen.n],
-    lease_expires_at = :expires_at,
-    started_at = COALESCE(started_at, :now), updated_at = :now,
-    deadline_at = COALESCE(deadline_at, :now + max_duration)
-FROM chosen
-WHERE runs.id = chosen.id
-RETURNING runs.*
+SELECT leased.*, EXISTS (SELECT 1 FROM steps WHERE steps.run_id = leased.id) AS has_steps
+FROM leased
 
 -- name: next_run_at@sqlite
 -- The earliest run_at among QUEUED runs of the tasks: one bounded look-up

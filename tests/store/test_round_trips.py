@@ -1,0 +1,73 @@
+"""Round trips on Postgres's hot paths (what the start latency in
+BENCHMARKS.md rests on): leasing new runs is one statement in autocommit,
+with its history; a run that has steps costs one read more."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from ratchet_server import model
+from ratchet_server.store import Store, open_store
+from tests.store.test_conformance import ENV, create, lease, new_run, step_write, transition
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def pg_store(pg_url: str) -> AsyncIterator[Store]:
+    s = await open_store(pg_url)
+    await s.migrate()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """The first word of each statement the store sends, and whether its
+    connection was in autocommit."""
+    calls: list[tuple[str, bool]] = []
+    execute = psycopg.Connection.execute
+
+    def spy(conn: psycopg.Connection[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((str(query).split()[0], conn.autocommit))
+        return execute(conn, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", spy)
+    return calls
+
+
+async def test_leasing_new_runs_is_one_statement_with_its_history(
+    pg_store: Store, sent: list[tuple[str, bool]]
+) -> None:
+    await create(pg_store, new_run(), new_run())
+    sent.clear()
+    leased = await lease(pg_store, limit=5, owner="o1")
+    assert sent == [("WITH", True)]
+    assert len(leased) == 2 and all(item.steps == () for item in leased)
+    for item in leased:
+        [event] = [e for e in await pg_store.get_events(item.run.id) if e["type"] == "leased"]
+        assert json.loads(event["data"]) == {"owner": "o1"}
+        assert (event["attempt"], event["lease_id"]) == (1, item.run.lease_id)
+
+
+async def test_a_run_with_steps_is_leased_with_its_snapshot(
+    pg_store: Store, sent: list[tuple[str, bool]]
+) -> None:
+    await create(pg_store, new_run(), new_run())
+    first, fresh = [item.run for item in await lease(pg_store, limit=1)] + [None]
+    assert first is not None and fresh is None
+    assert await pg_store.apply([step_write(first, "a", output="1")]) == [True]
+    assert await pg_store.apply([transition(first, model.RunStatus.QUEUED)]) == [True]
+    sent.clear()
+    leased = {item.run.id: item for item in await lease(pg_store, limit=5)}
+    assert sent == [("WITH", True), ("SELECT", True)]  # the lease, then one read of steps
+    assert [s.key for s in leased[first.id].steps] == ["a"]
+    assert [item.steps for run_id, item in leased.items() if run_id != first.id] == [()]
+    assert (await pg_store.get_run(ENV, first.id)).attempt == 2  # type: ignore[union-attr]
