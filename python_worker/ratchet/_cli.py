@@ -109,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Postgres: send no NOTIFY and LISTEN for none, for distributed "
                         "Postgres-compatible databases without LISTEN/NOTIFY (CockroachDB). "
                         "Runs made ready on another coordinator are then found by this "
-                        "one's dispatcher poll (at least once a second) instead of at once; "
+                        "one's dispatcher poll (--poll-interval) instead of at once; "
                         "nothing else changes (docs/operations.md, 'Past one Postgres')")
+    p.add_argument("--poll-interval", type=duration, default=None,
+                   help="how often the dispatcher looks for ready runs when nothing wakes "
+                        "it: the bound on how late a run made ready on another coordinator "
+                        "starts without NOTIFY (default 1s; 250ms with --no-notify)")
     _timing_args(p)
 
     p = sub.add_parser("migrate", help="apply schema migrations")

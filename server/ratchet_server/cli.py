@@ -23,6 +23,9 @@ from ratchet_server.store import Store, StoreUnavailable, StoreURLError, open_st
 log = logging.getLogger("ratchet.server")
 
 SWITCH_INTERVAL = 0.0005
+# --no-notify's default dispatcher poll: each idle pass is one bounded look-up
+# per (environment, task set) on each replica.
+NO_NOTIFY_POLL_INTERVAL = 0.25
 
 
 async def run(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], list[Any]]) -> int:
@@ -119,7 +122,18 @@ def _config(args: argparse.Namespace) -> EngineConfig:
                         session_grace=args.session_grace,
                         retention=args.retention or None,
                         reconcile_interval=args.reconcile_interval,
-                        reconcile_settle=min(5.0, args.reconcile_interval))
+                        reconcile_settle=min(5.0, args.reconcile_interval),
+                        poll_interval=_poll_interval(args))
+
+
+def _poll_interval(args: argparse.Namespace) -> float:
+    """Without NOTIFY the poll is the only way to hear of other replicas' runs."""
+    given: float | None = getattr(args, "poll_interval", None)
+    if given is not None:
+        if given <= 0:
+            raise ServerCLIError("--poll-interval must be more than 0")
+        return given
+    return NO_NOTIFY_POLL_INTERVAL if getattr(args, "no_notify", False) else 1.0
 
 
 async def _serve(store: Store, options: ServerOptions, workers: Sequence[Worker] = ()) -> int:
@@ -150,12 +164,13 @@ async def _serve(store: Store, options: ServerOptions, workers: Sequence[Worker]
 
 async def _dev(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], list[Any]]) -> int:
     tasks = load_tasks(args.worker) if args.worker else []
+    engine = _config(args)  # bad options are refused before the store is touched
     Path(args.db).parent.mkdir(parents=True, exist_ok=True)
     store = await open_store(f"sqlite:///{args.db}")
     listen = f"127.0.0.1:{args.port}"
     options = ServerOptions(listen=listen, http_listen=f"127.0.0.1:{args.http_port}",
                             public_url=args.public_url or None,
-                            auth=False, engine=_config(args))
+                            auth=False, engine=engine)
     print(f"ratchet dev: coordinator on {listen}, store {args.db}; auth is OFF "
           "(development mode, loopback only)", file=sys.stderr)
     workers = [Worker(tasks, listen, slots=args.slots, api_key="")] if tasks else []
@@ -163,11 +178,12 @@ async def _dev(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], l
 
 
 async def _server(args: argparse.Namespace) -> int:
+    engine = _config(args)  # bad options are refused before the store is touched
     store = await open_store(args.database_url, notify=not args.no_notify)
     if args.no_notify:
         log.info("--no-notify: no LISTEN/NOTIFY; runs made ready on other coordinators are "
                  "found by polling")
     options = ServerOptions(listen=args.listen, http_listen=args.http_listen, auth=True,
                             public_url=args.public_url or None,
-                            engine=_config(args), key_cache=args.key_cache)
+                            engine=engine, key_cache=args.key_cache)
     return await _serve(store, options)

@@ -98,6 +98,23 @@ def test_heartbeat_not_shorter_than_lease_ttl() -> None:
     assert_one_line_error(done, "--heartbeat-interval must be shorter than --lease-ttl")
 
 
+def test_zero_poll_interval_is_refused() -> None:
+    done = ratchet("server", "--database-url", "sqlite:///unused.db", "--poll-interval", "0")
+    assert_one_line_error(done, "--poll-interval must be more than 0")
+
+
+@pytest.mark.parametrize(("argv", "seconds"), [
+    ((), 1.0), (("--no-notify",), 0.25), (("--no-notify", "--poll-interval", "2s"), 2.0),
+    (("--poll-interval", "100ms"), 0.1),
+])
+def test_the_dispatcher_poll_interval(argv: tuple[str, ...], seconds: float) -> None:
+    from ratchet._cli import build_parser
+    from ratchet_server import cli as server_cli
+
+    args = build_parser().parse_args(["server", "--database-url", "sqlite://:memory:", *argv])
+    assert server_cli._config(args).poll_interval == seconds
+
+
 # --- duration parsing --------------------------------------------------------------------
 
 

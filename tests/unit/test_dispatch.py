@@ -174,3 +174,23 @@ async def test_a_notification_wakes_the_dispatcher_only_for_a_task_with_free_slo
                                   output=b"1", state=None)
     item = await asyncio.wait_for(session.outbox.get(), WAIT)
     assert isinstance(item, LeasePush) and item.leased.run.id == second.id
+
+
+async def test_the_dispatcher_polls_at_the_configured_interval(spy: Spy) -> None:
+    """With no wake-up (another replica made the run ready, and no NOTIFY
+    arrives) the run is found by the next poll, `poll_interval` apart."""
+    engine = Engine(spy, EngineConfig(session_grace=0.05, poll_interval=0.05))  # type: ignore[arg-type]
+    await engine.start()
+    try:
+        session = await open_session(engine, ["a"], slots=1)
+        await idle(engine)
+        spy.leases.clear()
+        await asyncio.sleep(0.5)
+        # About ten idle passes in half a second (one with the default 1 s).
+        assert len(spy.leases) >= 5, spy.leases
+        new = await engine._new_run(ENV, TriggerSpec(task_id="a", payload=b"{}"), 0.0)
+        [(run, _)] = await spy.store.create_runs([new])  # no wake-up, no notification
+        item = await asyncio.wait_for(session.outbox.get(), WAIT)
+        assert isinstance(item, LeasePush) and item.leased.run.id == run.id
+    finally:
+        await asyncio.wait_for(engine.stop(), 5.0)

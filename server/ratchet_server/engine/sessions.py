@@ -164,7 +164,8 @@ class SessionsMixin(core.EngineBase):
                 more, next_due = False, time.time() + 0.5
             if more:
                 continue
-            timeout = 1.0 if next_due is None else min(1.0, max(0.005, next_due - time.time()))
+            poll = self.config.poll_interval
+            timeout = poll if next_due is None else min(poll, max(0.005, next_due - time.time()))
             # Not asyncio.wait_for: on 3.11 it can swallow a cancellation that
             # arrives as the event fires, and stop() would then wait forever.
             with contextlib.suppress(TimeoutError):
