@@ -129,13 +129,9 @@ def children_final_txn(conn: _dialect.Connection, d: _dialect.Dialect,
     a `child_waits` row: a group commit holding a parent's row (its own write)
     may count down a wait of another parent, so locking a parent here would
     close a cycle."""
-    reached: list[tuple[str, str]] = []
-    for (parent, key), n in sorted(_children_of(conn, d, run_ids).items()):
-        row = conn.execute(d.sql("count_child_wait"),
-                           {"run_id": parent, "key": key, "n": n}).fetchone()
-        if row is not None and row["pending"] <= 0:
-            reached.append((parent, key))
-    return reached
+    rows = conn.execute(d.sql("count_down_child_waits", ids=d.in_list.format(param=":ids")),
+                        {"ids": d.in_param(list(run_ids))}).fetchall()
+    return sorted((r["parent_run_id"], r["step_key"]) for r in rows if r["pending"] <= 0)
 
 
 def end_child_wait_txn(conn: _dialect.Connection, d: _dialect.Dialect, parent: str, key: str,

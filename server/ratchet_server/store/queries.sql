@@ -597,6 +597,34 @@ INSERT INTO child_waits (parent_run_id, step_key, pending) VALUES (:run_id, :key
 SELECT parent_run_id, parent_step_key FROM runs
 WHERE id IN {ids} AND parent_run_id IS NOT NULL
 
+-- name: count_down_child_waits@postgres
+-- The waits of the children among :ids (just made final), counted down in
+-- one statement; their rows are locked in (parent, key) order first.
+WITH done AS (
+    SELECT parent_run_id, parent_step_key AS step_key, COUNT(*) AS n FROM runs
+    WHERE id IN {ids} AND parent_run_id IS NOT NULL
+    GROUP BY parent_run_id, parent_step_key
+), locked AS (
+    SELECT w.parent_run_id, w.step_key, done.n FROM child_waits AS w
+    JOIN done ON done.parent_run_id = w.parent_run_id AND done.step_key = w.step_key
+    ORDER BY w.parent_run_id, w.step_key
+    FOR UPDATE OF w
+)
+UPDATE child_waits AS w SET pending = w.pending - locked.n
+FROM locked
+WHERE w.parent_run_id = locked.parent_run_id AND w.step_key = locked.step_key
+RETURNING w.parent_run_id, w.step_key, w.pending
+
+-- name: count_down_child_waits@sqlite
+UPDATE child_waits SET pending = pending - (
+    SELECT COUNT(*) FROM runs
+    WHERE id IN {ids} AND runs.parent_run_id = child_waits.parent_run_id
+      AND runs.parent_step_key = child_waits.step_key)
+WHERE (parent_run_id, step_key) IN (
+    SELECT parent_run_id, parent_step_key FROM runs
+    WHERE id IN {ids} AND parent_run_id IS NOT NULL)
+RETURNING parent_run_id, step_key, pending
+
 -- name: count_child_wait
 -- Counts a wait's children down (:n > 0, children made final) or up (:n < 0,
 -- final children queued again); no row: the wait has ended, nothing to count.
