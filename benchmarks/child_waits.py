@@ -2,8 +2,9 @@
 
 Prints one JSON line: the median execution time of the child-wait sweep's
 query (`select_child_wait_candidates`, EXPLAIN ANALYZE), of a child's final
-transaction (`store.apply` of one COMPLETED transition, wall clock), and of
-the last child's (which, with migration 0008, also ends its parent's wait).
+transaction (`store.apply` of one COMPLETED transition, wall clock), of a
+run's without a parent, and of the last child's (which, with migration 0008,
+also ends its parent's wait).
 
 The backlog, written with SQL into a throwaway schema: 100k finished runs with
 a step each; 100 parents WAITING on a child step, each with 1,000 children of
@@ -32,6 +33,7 @@ PARENTS = 100
 CHILDREN = 1000
 FINISHED = 900  # children already COMPLETED, per parent
 BACKLOG = 100_000
+PLAIN = 200  # RUNNING runs without a parent
 
 
 def populate(conn: psycopg.Connection, counts: bool) -> None:
@@ -61,6 +63,10 @@ def populate(conn: psycopg.Connection, counts: bool) -> None:
                'p' || lpad(p::text, 4, '0'), 'w', j,
                'l' || lpad(p::text, 4, '0') || '_' || lpad(j::text, 4, '0'), 1, NULL
         FROM generate_series(1, {PARENTS}) p, generate_series(0, {CHILDREN - 1}) j""")
+    conn.execute(f"""INSERT INTO runs ({cols})
+        SELECT 'r' || g, 'dev', 't', 'RUNNING', '{{}}', 't', '{{}}', {now}, {now}, {now},
+               NULL, NULL, NULL, NULL, NULL, 'lr' || g, 1, NULL
+        FROM generate_series(1, {PLAIN}) g""")
     if counts:
         conn.execute(f"""INSERT INTO child_waits (parent_run_id, step_key, pending)
             SELECT 'p' || lpad(g::text, 4, '0'), 'w', {CHILDREN - FINISHED}
@@ -108,6 +114,14 @@ async def main() -> None:
                 t = time.perf_counter()
                 assert await store.apply([finish(p, j)]) == [True]
                 plain.append((time.perf_counter() - t) * 1000)
+        # A run without a parent.
+        alone = []
+        for g in range(1, PLAIN + 1):
+            t = time.perf_counter()
+            assert await store.apply([model.RunTransition(
+                run_id=f"r{g}", lease_id=f"lr{g}", status=model.RunStatus.COMPLETED,
+                output='"ok"', events=())]) == [True]
+            alone.append((time.perf_counter() - t) * 1000)
         # The last child of 20 waits.
         last = []
         for p in range(1, 21):
@@ -126,6 +140,7 @@ async def main() -> None:
             "child_counts": counts,
             "sweep_query_ms_median": round(statistics.median(sweep), 2),
             "child_final_txn_ms_median": round(statistics.median(plain), 3),
+            "parentless_final_txn_ms_median": round(statistics.median(alone), 3),
             "last_child_txn_ms_median": round(statistics.median(last), 3),
             "parents_woken_by_last_child": woken, "of": 20,
         }))

@@ -15,28 +15,34 @@ from ratchet_server.store import _dialect, _rows, _waits
 
 
 def apply_writes_txn(
-    conn: _dialect.Connection, d: _dialect.Dialect, writes: Sequence[model.FencedWrite], now: float
+    conn: _dialect.Connection, d: _dialect.Dialect, writes: Sequence[model.FencedWrite], now: float,
+    children: set[str] | None = None,
 ) -> list[bool]:
     """Apply fenced writes; True for each one whose lease was current.
 
     Runs are locked in id order (each run's writes keep their order), the
     same order every multi-run transaction uses, so two group commits and a
-    timer sweep never deadlock on each other. The caller then counts down
-    the child waits of the runs made final (`made_final`,
+    timer sweep never deadlock on each other. The runs with a parent that an
+    applied transition moved are added to `children`: the caller then counts
+    down the waits of those made final (`made_final`,
     `_waits.children_final_txn`), after every run row of the batch."""
+    found: set[str] = set() if children is None else children
     if d.batch_writes and _batchable(writes):
-        return _apply_batched_txn(conn, d, writes, now)
-    return _apply_each_txn(conn, d, writes, now)
+        return _apply_batched_txn(conn, d, writes, now, found)
+    return _apply_each_txn(conn, d, writes, now, found)
 
 
-def made_final(writes: Sequence[model.FencedWrite], applied: Sequence[bool]) -> list[str]:
-    """The runs that the applied writes made final."""
+def made_final(writes: Sequence[model.FencedWrite], applied: Sequence[bool],
+               children: set[str]) -> list[str]:
+    """The runs among `children` that the applied writes made final."""
     return [w.run_id for w, ok in zip(writes, applied, strict=True)
-            if ok and isinstance(w, model.RunTransition) and w.status.is_final]
+            if ok and isinstance(w, model.RunTransition) and w.status.is_final
+            and w.run_id in children]
 
 
 def _apply_each_txn(
-    conn: _dialect.Connection, d: _dialect.Dialect, writes: Sequence[model.FencedWrite], now: float
+    conn: _dialect.Connection, d: _dialect.Dialect, writes: Sequence[model.FencedWrite], now: float,
+    children: set[str],
 ) -> list[bool]:
     applied = [False] * len(writes)
     fence_sql = d.sql("fence_run_state")
@@ -48,9 +54,12 @@ def _apply_each_txn(
             cur = conn.execute(fence_sql, _rows.fence_params(w, now))
             if cur.rowcount == 1:
                 conn.execute(step_sql, _rows.step_params(w, now))
+            applied[i] = cur.rowcount == 1
         else:
-            cur = conn.execute(transition_sql, _rows.transition_params(w, now))
-        applied[i] = cur.rowcount == 1
+            moved = conn.execute(transition_sql, _rows.transition_params(w, now)).fetchall()
+            applied[i] = len(moved) == 1
+            if applied[i] and moved[0]["parent_run_id"] is not None:
+                children.add(w.run_id)
         if applied[i]:
             # Events first: a wake-up right after the suspension is recorded
             # after the suspension in the history.
@@ -91,7 +100,8 @@ def _batchable(writes: Sequence[model.FencedWrite]) -> bool:
 
 
 def _apply_batched_txn(
-    conn: _dialect.Connection, d: _dialect.Dialect, writes: Sequence[model.FencedWrite], now: float
+    conn: _dialect.Connection, d: _dialect.Dialect, writes: Sequence[model.FencedWrite], now: float,
+    children: set[str],
 ) -> list[bool]:
     """Group commit in a constant number of statements, whatever the batch size
     (rows in run id order, as above)."""
@@ -123,6 +133,7 @@ def _apply_batched_txn(
             "clear_errors": [p["clear_error"] for p in params],
         }).fetchall()
         ok.update(r["id"] for r in rows)
+        children.update(r["id"] for r in rows if r["parent_run_id"] is not None)
     applied = [w.run_id in ok for w in writes]
     events = [e for w, good in zip(writes, applied, strict=True)
               if good and isinstance(w, model.RunTransition) for e in w.events]

@@ -407,8 +407,10 @@ class SqlStore(abc.ABC):
 
         def txn(conn: Any) -> list[bool]:
             now = time.time()
-            result = _writes.apply_writes_txn(conn, self.dialect, writes, now)
-            reached[:] = self._children_final_txn(conn, _writes.made_final(writes, result))
+            children: set[str] = set()
+            result = _writes.apply_writes_txn(conn, self.dialect, writes, now, children)
+            reached[:] = self._children_final_txn(
+                conn, _writes.made_final(writes, result, children))
             requeued = {w.run_id for w, ok in zip(writes, result, strict=True)
                         if ok and isinstance(w, model.RunTransition)
                         and w.status in (model.RunStatus.QUEUED, model.RunStatus.WAITING)}

@@ -330,6 +330,8 @@ WHERE id = :run_id AND lease_id = :lease_id AND status = :expect_status
   -- an ordinary lease's outcome does not apply under a finishing lease, nor the reverse
   AND (CAST(:finishing AS INTEGER) IS NULL
        OR (CASE WHEN final_error IS NULL THEN 0 ELSE 1 END) = :finishing)
+-- whether the run is a child: a final one counts its wait down (_waits.children_final_txn)
+RETURNING parent_run_id
 
 -- name: expire_runs
 UPDATE runs SET status = 'EXPIRED', finished_at = :now, updated_at = :now
@@ -548,7 +550,7 @@ WHERE r.id = v.id AND r.lease_id = v.lease_id AND r.status = 'RUNNING'
   AND (v.env IS NULL OR r.env = v.env) AND (v.owner IS NULL OR r.lease_owner = v.owner)
   AND (v.finishing IS NULL
        OR (CASE WHEN r.final_error IS NULL THEN 0 ELSE 1 END) = v.finishing)
-RETURNING r.id
+RETURNING r.id, r.parent_run_id
 
 -- name: lock_run
 SELECT id, env, status, waiting_on FROM runs WHERE id = :run_id {for_update}
