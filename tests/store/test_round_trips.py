@@ -1,6 +1,7 @@
-"""Round trips on Postgres's hot paths (what the start latency in
-BENCHMARKS.md rests on): leasing new runs is one statement in autocommit,
-with its history; a run that has steps costs one read more."""
+"""Round trips on Postgres's hot paths (what the per-step and start
+latencies in BENCHMARKS.md rest on): a checkpoint is one statement outside
+any transaction block; leasing new runs is one statement in autocommit, with
+its history; a run that has steps costs one read more."""
 
 from __future__ import annotations
 
@@ -41,6 +42,24 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
 
     monkeypatch.setattr(psycopg.Connection, "execute", spy)
     return calls
+
+
+async def test_a_checkpoint_is_one_statement_without_begin_or_commit(
+    pg_store: Store, sent: list[tuple[str, bool]]
+) -> None:
+    await create(pg_store, new_run())
+    [leased] = await lease(pg_store, limit=1)
+    run = leased.run
+    done = model.Event(run_id=run.id, type=model.EventType.STEP_COMPLETED, at=0.0,
+                       attempt=1, lease_id=run.lease_id, step_key="s")
+    sent.clear()
+    assert await pg_store.apply([step_write(run, "s", state='{"x": 1}',
+                                            events=(done,))]) == [True]
+    assert sent == [("WITH", True)]
+    [step] = await pg_store.get_steps(run.id)
+    assert step.status is model.StepStatus.COMPLETED
+    assert (await pg_store.get_run(ENV, run.id)).state == '{"x": 1}'  # type: ignore[union-attr]
+    assert "step_completed" in [e["type"] for e in await pg_store.get_events(run.id)]
 
 
 async def test_leasing_new_runs_is_one_statement_with_its_history(

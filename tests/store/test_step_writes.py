@@ -1,7 +1,7 @@
 """Step writes, the per-step hot path: on Postgres a batch of step writes
-alone goes as one statement committed on its own (`apply_step_writes`), so a
-checkpoint costs one round trip; whatever the path, the results are the
-same as applying the writes one by one."""
+alone goes as one statement committed on its own (`apply_step_writes`,
+test_round_trips.py counts it); whatever the path, the results are the same
+as applying the writes one by one."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import time
 import types
 from typing import Any
 
-import psycopg
 import pytest
 
 from ratchet_server import model
 from ratchet_server.store import Store, _dialect, _writes
 from tests.store.test_conformance import (
-    ENV,
     create,
     event_types,
     lease,
@@ -107,34 +105,3 @@ def test_only_step_batches_go_as_one_statement() -> None:
                                           step_write(run, "b", lease_id="older")])
     assert not _writes.one_statement(
         pg, [step_write(run, "a"), transition(other, model.RunStatus.COMPLETED)])
-
-
-async def test_a_checkpoint_is_one_statement_without_begin_or_commit(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What the per-step latency rests on (BENCHMARKS.md): Postgres receives
-    the checkpoint as one statement, outside any transaction block."""
-    from ratchet_server.store import open_store
-
-    s = await open_store(pg_url)
-    await s.migrate()
-    try:
-        await create(s, new_run())
-        [leased] = await lease(s, limit=1)
-        sent: list[tuple[str, bool]] = []
-        execute = psycopg.Connection.execute
-
-        def spy(conn: psycopg.Connection[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
-            sent.append((str(query).split()[0], conn.autocommit))
-            return execute(conn, query, *args, **kwargs)
-
-        monkeypatch.setattr(psycopg.Connection, "execute", spy)
-        assert await s.apply([step_write(leased.run, "s", state='{"x": 1}',
-                                         events=(completed(leased.run, "s"),))]) == [True]
-        monkeypatch.undo()
-        assert sent == [("WITH", True)]
-        [step] = await s.get_steps(leased.run.id)
-        assert step.status is model.StepStatus.COMPLETED
-        assert (await s.get_run(ENV, leased.run.id)).state == '{"x": 1}'  # type: ignore[union-attr]
-    finally:
-        await s.close()

@@ -512,15 +512,6 @@ DELETE FROM runs WHERE id IN {ids}
 -- A row comparison: the index scan starts at the cursor instead of filtering up to it.
 AND (created_at, id) < (:c_at, :c_id)
 
--- name: fence_run_state_batch
-UPDATE runs AS r SET state = COALESCE(v.state, r.state), updated_at = :now
-FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:states AS text[]),
-            CAST(:envs AS text[]), CAST(:owners AS text[]))
-     AS v(id, lease_id, state, env, owner)
-WHERE r.id = v.id AND r.lease_id = v.lease_id AND r.status = 'RUNNING'
-  AND (v.env IS NULL OR r.env = v.env) AND (v.owner IS NULL OR r.lease_owner = v.owner)
-RETURNING r.id
-
 -- name: transition_run_batch
 UPDATE runs AS r SET
     status = v.status,
