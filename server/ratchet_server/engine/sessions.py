@@ -177,7 +177,8 @@ class SessionsMixin(core.EngineBase):
         environment lease together (one statement for the sum of their free
         slots, the runs shared out among them); different groups lease
         concurrently. Returns whether a group got all it asked for (go round
-        again at once), and the earliest next due time of those that did not."""
+        again at once), and the earliest next due time of those that got
+        nothing."""
         if self._closing:
             return False, None
         # A session silent for two heartbeat intervals may belong to a stopped
@@ -224,6 +225,11 @@ class SessionsMixin(core.EngineBase):
             session.outbox.put_nowait(LeasePush(item))
         if len(leased) == len(owners):
             return True, None
+        if leased:
+            # Not now: this look-up's thread would compete with sending the
+            # leases just pushed (start latency +0.5 ms measured). The next
+            # pass, soon after a slot frees, looks it up if nothing is ready.
+            return False, None
         try:
             return False, await self.store.next_run_at(env, task_ids)
         except asyncio.CancelledError:
