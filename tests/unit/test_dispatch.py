@@ -194,3 +194,31 @@ async def test_the_dispatcher_polls_at_the_configured_interval(spy: Spy) -> None
         assert isinstance(item, LeasePush) and item.leased.run.id == run.id
     finally:
         await asyncio.wait_for(engine.stop(), 5.0)
+
+
+async def test_a_partial_lease_looks_again_soon(spy: Spy) -> None:
+    """A lease that filled only some free slots while ready runs remained
+    (a concurrent lease held them locked and left them) is followed by
+    another pass within PARTIAL_LEASE_RECHECK, not the whole poll interval."""
+    engine = Engine(spy, EngineConfig(session_grace=0.05, poll_interval=5.0))  # type: ignore[arg-type]
+    real = spy.store.lease_ready
+    held = [True]
+
+    async def held_once(**kwargs: Any) -> list[model.LeasedRun]:
+        if held and kwargs["limit"] > 1:
+            held.clear()  # this pass, one run was locked by someone else
+            kwargs = {**kwargs, "limit": 1, "owners": kwargs["owners"][:1]}
+        result: list[model.LeasedRun] = await real(**kwargs)
+        return result
+
+    spy.store.lease_ready = held_once  # type: ignore[method-assign]
+    await engine.start()
+    try:
+        session = await open_session(engine, ["a"], slots=2)
+        await idle(engine)
+        await trigger(engine, "a", 2)
+        first = await asyncio.wait_for(session.outbox.get(), WAIT)
+        second = await asyncio.wait_for(session.outbox.get(), 1.0)  # not the 5 s poll
+        assert isinstance(first, LeasePush) and isinstance(second, LeasePush)
+    finally:
+        await asyncio.wait_for(engine.stop(), 5.0)

@@ -226,10 +226,13 @@ class SessionsMixin(core.EngineBase):
         if len(leased) == len(owners):
             return True, None
         if leased:
-            # Not now: this look-up's thread would compete with sending the
-            # leases just pushed (start latency +0.5 ms measured). The next
-            # pass, soon after a slot frees, looks it up if nothing is ready.
-            return False, None
+            # Not the next-due look-up now: its thread would compete with
+            # sending the leases just pushed (start latency +0.5 ms
+            # measured). Look again shortly instead: ready runs may remain
+            # that a concurrent lease (another group, another replica) held
+            # locked and then left; that pass asks for the next due time if
+            # it finds nothing.
+            return False, time.time() + PARTIAL_LEASE_RECHECK
         try:
             return False, await self.store.next_run_at(env, task_ids)
         except asyncio.CancelledError:
@@ -237,6 +240,11 @@ class SessionsMixin(core.EngineBase):
         except Exception:
             log.exception("next due time of %s in %s failed", ",".join(task_ids), env)
             return False, time.time() + 0.5
+
+
+# After a lease that filled only some free slots, the next pass comes this
+# much later (unless something wakes the dispatcher first).
+PARTIAL_LEASE_RECHECK = 0.05
 
 
 def share_slots(sessions: Sequence[Session], limit: int) -> list[str]:

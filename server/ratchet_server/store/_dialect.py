@@ -83,8 +83,8 @@ class Dialect:
     # A batch of step writes alone may go as one statement in autocommit
     # (apply_step_writes): one round trip per checkpoint.
     one_statement_steps: bool
-    # lease_ready writes the LEASED history itself and says which runs have
-    # steps (has_steps), so a lease of new runs is one statement in autocommit.
+    # lease_ready writes the LEASED history itself and says which runs may
+    # have steps (has_steps), so leasing new runs is one statement.
     one_statement_lease: bool
     # Run first in a transaction whose statements must all see one snapshot
     # ("" where a transaction already does: SQLite's one writer).

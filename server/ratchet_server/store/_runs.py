@@ -92,7 +92,9 @@ def lease_ready_txn(
     runs = sorted((_rows.run_from_row(r) for r in rows),
                   key=lambda r: (-r.priority, r.run_at, r.id))
     steps: dict[str, list[model.Step]] = {r.id: [] for r in runs}
-    # A run leased for the first time has no steps: no read for it.
+    # A run never leased before has no steps: no read for it. The others'
+    # steps are read by this later statement, whose snapshot sees what an
+    # earlier lease (maybe another coordinator's) committed.
     with_steps = [r["id"] for r in rows if r["has_steps"]] if d.one_statement_lease \
         else list(steps)
     if with_steps:

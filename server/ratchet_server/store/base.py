@@ -81,10 +81,9 @@ class SqlStore(abc.ABC):
         return await loop.run_in_executor(self._executor, self._transaction, fn)
 
     async def _run_autocommit(self, fn: Callable[[Any], T]) -> T:
-        """Run `fn(conn)` with each of its statements committed on its own,
-        where the database allows it (else in one transaction, as `_run`):
-        for work whose statements need no common transaction (one statement,
-        or a read after a statement that has decided everything)."""
+        """Run `fn(conn)`, which sends exactly one statement, committed on its
+        own where the database allows it (else in a transaction, as `_run`).
+        A retry after a lost conflict runs that one statement again."""
         return await self._run(fn)
 
     async def connect(self) -> None:
@@ -330,10 +329,10 @@ class SqlStore(abc.ABC):
                                         limit=limit, owner=owner, nonce=nonce, now=now,
                                         expires_at=now + ttl, owners=owners)
 
-        if self.dialect.one_statement_lease:
-            # The lease and its history in one statement; the snapshot's steps
-            # (only runs that have some) are read after it has committed.
-            return await self._run_autocommit(txn)
+        # One transaction (not autocommit, though leasing new runs is one
+        # statement): the lease and the read of its runs' steps commit, or
+        # are retried, together; a lease committed whose snapshot then could
+        # not be read would sit undelivered until its TTL.
         return await self._run(txn)
 
     async def next_run_at(self, env: str, task_ids: Sequence[str]) -> float | None:

@@ -134,12 +134,13 @@ RETURNING *
 -- locked only until this transaction ends. The n-th run in lease order goes
 -- to the n-th entry of :owners (the dispatcher shares one lease among the
 -- sessions of a task set). The same statement writes each lease's history
--- (LEASED, in lease order) and says which leased runs have steps to load, so
--- that leasing new runs costs one round trip.
+-- (LEASED, in lease order) and says which leased runs may have steps to load,
+-- so that leasing new runs reads nothing more.
 WITH ready AS (
-    SELECT r.id, r.priority, r.run_at FROM unnest(CAST(:task_ids AS text[])) AS t(task_id)
+    SELECT r.id, r.priority, r.run_at, r.started_at
+    FROM unnest(CAST(:task_ids AS text[])) AS t(task_id)
     CROSS JOIN LATERAL (
-        SELECT id, priority, run_at FROM runs
+        SELECT id, priority, run_at, started_at FROM runs
         WHERE env = :env AND status = 'QUEUED' AND task_id = t.task_id
           AND priority <> 0 AND run_at <= :now
         ORDER BY priority DESC, run_at, id
@@ -147,9 +148,10 @@ WITH ready AS (
         FOR UPDATE SKIP LOCKED
     ) AS r
     UNION ALL
-    SELECT r.id, r.priority, r.run_at FROM unnest(CAST(:task_ids AS text[])) AS t(task_id)
+    SELECT r.id, r.priority, r.run_at, r.started_at
+    FROM unnest(CAST(:task_ids AS text[])) AS t(task_id)
     CROSS JOIN LATERAL (
-        SELECT id, priority, run_at FROM runs
+        SELECT id, priority, run_at, started_at FROM runs
         WHERE env = :env AND status = 'QUEUED' AND task_id = t.task_id
           AND priority = 0 AND run_at <= :now
         ORDER BY run_at, id
@@ -157,7 +159,9 @@ WITH ready AS (
         FOR UPDATE SKIP LOCKED
     ) AS r
 ), chosen AS (
-    SELECT id, row_number() OVER (ORDER BY priority DESC, run_at, id) AS n FROM ready
+    SELECT id, started_at AS was_started,
+           row_number() OVER (ORDER BY priority DESC, run_at, id) AS n
+    FROM ready
     ORDER BY priority DESC, run_at, id
     LIMIT :limit
 ), leased AS (
@@ -169,14 +173,20 @@ WITH ready AS (
         deadline_at = COALESCE(deadline_at, :now + max_duration)
     FROM chosen
     WHERE runs.id = chosen.id
-    RETURNING runs.*, chosen.n
+    RETURNING runs.*, chosen.n, chosen.was_started IS NOT NULL AS leased_before
 ), logged AS (
     INSERT INTO run_events (run_id, at, type, attempt, lease_id, data)
     SELECT id, :now, :event_type, attempt, lease_id,
            CAST(json_build_object('owner', lease_owner) AS text)
     FROM leased ORDER BY n
 )
-SELECT leased.*, EXISTS (SELECT 1 FROM steps WHERE steps.run_id = leased.id) AS has_steps
+-- A run leased before may have steps this statement's snapshot does not show
+-- (another coordinator's lease wrote them after it began; the row lock reads
+-- the run's newest version, hence started_at): the caller reads those runs'
+-- steps in a later statement, which sees them.
+SELECT leased.*,
+       leased_before OR EXISTS (SELECT 1 FROM steps WHERE steps.run_id = leased.id)
+           AS has_steps
 FROM leased
 
 -- name: next_run_at@sqlite
@@ -267,9 +277,11 @@ WHERE steps.status <> 'COMPLETED'
 -- Step writes of many runs as one statement: fence each run by its lease (and
 -- environment and session), then record the steps and the history of the
 -- runs that passed; returns their ids. Sent alone in autocommit it is its own
--- transaction, so a checkpoint costs one round trip. Runs are locked in the
--- order of :ids (the caller sorts them: run-id order). No (run, key) may
--- appear twice (ON CONFLICT cannot change a row twice in one statement).
+-- transaction, so a checkpoint costs one round trip. The caller sorts :ids
+-- (run-id order), but the join may visit rows in another order: a deadlock
+-- with another batch is possible and is retried (the statement is its own
+-- transaction, so running it again is safe). No (run, key) may appear twice
+-- (ON CONFLICT cannot change a row twice in one statement).
 WITH fenced AS (
     UPDATE runs AS r SET state = COALESCE(v.state, r.state), updated_at = :now
     FROM unnest(CAST(:ids AS text[]), CAST(:leases AS text[]), CAST(:states AS text[]),
