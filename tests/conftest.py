@@ -84,6 +84,17 @@ def pg_url(pg_server: str) -> Iterator[str]:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
+@pytest.fixture
+async def pg_store(pg_url: str) -> AsyncIterator[Store]:
+    """A migrated Postgres store on a fresh schema of its own."""
+    store = await open_store(pg_url)
+    await store.migrate()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh database of each kind, as a URL a coordinator process can open.

@@ -133,13 +133,8 @@ def explain(conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) ->
 
 
 async def test_postgres_dispatch_statements_use_the_ready_indexes_with_a_backlog(
-    pg_url: str,
+    pg_store: Store, pg_url: str,
 ) -> None:
-    store = await open_store(pg_url)
-    try:
-        await store.migrate()
-    finally:
-        await store.close()
     now = time.time()
     with psycopg.connect(pg_url, row_factory=dict_row, autocommit=True) as conn:
         # 4,000 delayed runs over four tasks, 4,000 finished ones, a few ready.

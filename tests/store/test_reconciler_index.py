@@ -10,20 +10,15 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from ratchet_server.store import _dialect, open_store
+from ratchet_server.store import Store, _dialect
 from tests.store.test_dispatch_queries import plan_nodes, scans_of_runs
 
 pytestmark = pytest.mark.timeout(60)
 
 
 async def test_postgres_unfinished_page_uses_an_index_with_many_finished_runs(
-    pg_url: str,
+    pg_store: Store, pg_url: str,
 ) -> None:
-    store = await open_store(pg_url)
-    try:
-        await store.migrate()
-    finally:
-        await store.close()
     now = time.time()
     with psycopg.connect(pg_url, row_factory=dict_row, autocommit=True) as conn:
         # 20,000 finished runs and 20 unfinished ones.

@@ -7,27 +7,16 @@ transaction, so the lease and its snapshot commit or retry together."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
 import pytest
 
 from ratchet_server import model
-from ratchet_server.store import Store, _runs, open_store
+from ratchet_server.store import Store, _runs
 from tests.store.test_conformance import ENV, create, lease, new_run, step_write, transition
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def pg_store(pg_url: str) -> AsyncIterator[Store]:
-    s = await open_store(pg_url)
-    await s.migrate()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture
