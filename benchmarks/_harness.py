@@ -177,12 +177,16 @@ class System:
     def coordinator_log(self) -> str:
         return (self.tmp / "coordinator.log").read_text()[-4000:]
 
-    def stop(self) -> None:
+    def stop_workers(self) -> None:
+        """Stop the workers (the coordinator keeps the tasks they registered)."""
         for proc in self.workers:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.workers:
             _reap(proc)
+
+    def stop(self) -> None:
+        self.stop_workers()
         if self.coordinator.poll() is None:
             self.coordinator.send_signal(signal.SIGTERM)
         _reap(self.coordinator)

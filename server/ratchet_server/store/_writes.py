@@ -150,6 +150,22 @@ def one_statement(d: _dialect.Dialect, writes: Sequence[model.FencedWrite]) -> b
             and all(isinstance(w, model.StepWrite) for w in writes) and _batchable(writes))
 
 
+def quick(writes: Sequence[model.FencedWrite]) -> bool:
+    """True for a batch small enough to apply without a thread hand-off where
+    the store allows it (`_run_quick`): a few step writes with small values."""
+    steps = [w for w in writes if isinstance(w, model.StepWrite)]
+    return len(steps) == len(writes) <= QUICK_WRITES and sum(map(_size, steps)) <= QUICK_BYTES
+
+
+QUICK_WRITES = 4
+QUICK_BYTES = 64 * 1024
+
+
+def _size(w: model.StepWrite) -> int:
+    return len(w.output or "") + len(w.state or "") + (
+        0 if w.error is None else len(w.error.message) + len(w.error.stack or ""))
+
+
 def apply_step_writes_txn(
     conn: _dialect.Connection, d: _dialect.Dialect, writes: Sequence[model.FencedWrite], now: float
 ) -> list[bool]:

@@ -80,6 +80,12 @@ class SqlStore(abc.ABC):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._transaction, fn)
 
+    async def _run_quick(self, fn: Callable[[Any], T]) -> T:
+        """Run `fn(conn)` in one transaction, as `_run`; `fn` is a short write
+        (`_writes.quick`), which a store may run on the calling thread when
+        that never waits (SQLite, its thread idle)."""
+        return await self._run(fn)
+
     async def _run_autocommit(self, fn: Callable[[Any], T]) -> T:
         """Run `fn(conn)`, which sends exactly one statement, committed on its
         own where the database allows it (else in a transaction, as `_run`).
@@ -417,7 +423,7 @@ class SqlStore(abc.ABC):
                 self._notify_txn(conn, {"*"})
             return result
 
-        applied = await self._run(txn)
+        applied = await (self._run_quick(txn) if _writes.quick(writes) else self._run(txn))
         await self._end_child_waits(reached)
         return applied
 
