@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from ratchet_server import model
+from ratchet_server import clock, model
 from ratchet_server.store import Store, StoreUnavailable
 
 DEV_ENV = "default"
@@ -92,7 +92,7 @@ async def list_keys(store: Store) -> list[model.ApiKeyInfo]:
 async def revoke_key(store: Store, key_id: str) -> tuple[model.ApiKeyInfo, bool]:
     """Revoke a key; the key as it is now, and whether this call revoked it
     (False when it was revoked already). Raises KeyError for an unknown id."""
-    changed = await store.revoke_api_key(key_id, time.time())
+    changed = await store.revoke_api_key(key_id, clock.now())
     for info in await store.list_api_keys():
         if info.id == key_id:
             return info, changed

@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from ratchet import Retry
 from ratchet.v1 import common_pb2, run_pb2, worker_pb2
-from ratchet_server import model
+from ratchet_server import clock, model
 from ratchet_server.engine import errors
 from ratchet_server.engine.engine import DEFAULT_TASK_RETRY, TriggerSpec
 
@@ -203,7 +202,7 @@ def lease_to_pb(leased: model.LeasedRun, lease_ttl: float) -> worker_pb2.LeaseGr
         expires_at=ts(run.lease_expires_at), retry=retry_to_pb(run.retry),
         # The worker measures the snapshot's wake_at times from this, not
         # from its own clock (protocol §4).
-        sent_at=ts(time.time()),
+        sent_at=ts(clock.now()),
         # A finishing lease (protocol §4): compensations and on_failure only.
         final_error=error_to_pb(run.final_error))
 

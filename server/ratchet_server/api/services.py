@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -22,7 +21,7 @@ from ratchet.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, __version__, model, web
+from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, __version__, clock, model, web
 from ratchet_server.api import auth, convert, status
 from ratchet_server.api.status import code_for
 from ratchet_server.engine import errors, policy
@@ -180,7 +179,7 @@ class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
 
     def _token(self, token: model.Token, *, with_url: bool = False) -> run_pb2.Token:
         url = web.token_url(self._public_url, token.id, token.secret) if with_url else ""
-        return convert.token_to_pb(token, policy.token_status(token, time.time()), url)
+        return convert.token_to_pb(token, policy.token_status(token, clock.now()), url)
 
 
 class SystemService(system_pb2_grpc.SystemServiceServicer):  # type: ignore[misc]

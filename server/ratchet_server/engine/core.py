@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ratchet import Retry
-from ratchet_server import model
+from ratchet_server import clock, model
 from ratchet_server.engine import errors, policy, validate, writes
 from ratchet_server.engine.ids import new_id
 from ratchet_server.engine.schemas import SchemaCache
@@ -255,7 +255,7 @@ class EngineBase:
         """
 
         async def lose(ref: model.LeaseRef) -> None:
-            transition = policy.lease_loss_transition(ref, why, now=time.time())
+            transition = policy.lease_loss_transition(ref, why, now=clock.now())
             applied = await self._write(dataclasses.replace(
                 transition, expect_owner=ref.lease_owner, expired_before=expired_before))
             if applied:

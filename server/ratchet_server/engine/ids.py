@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import secrets
-import time
+
+from ratchet_server import clock
 
 
 def new_id(prefix: str) -> str:
     """`prefix_` + 12 hex digits of milliseconds + 16 random hex digits."""
-    return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+    return f"{prefix}_{int(clock.now() * 1000):012x}{secrets.token_hex(8)}"

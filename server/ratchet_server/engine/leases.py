@@ -8,10 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Sequence
 
-from ratchet_server import model
+from ratchet_server import clock, model
 from ratchet_server.engine import core, errors, policy, validate
 from ratchet_server.engine.core import (
     MAX_BATCH,
@@ -30,7 +29,7 @@ def _due(after: float | None, at: float | None) -> float | None:
     if after is None:
         return at
     validate.duration(after, "a wait")
-    return time.time() + after
+    return clock.now() + after
 
 
 def _wake_at(kind: model.StepKind, event: model.StepEvent, wake_at: float | None,
@@ -110,7 +109,7 @@ class LeasesMixin(core.EngineBase):
             token_id=token_id or None,
             env=session.env, owner=session.id,
             events=() if event_type is None else (model.Event(
-                run_id=run_id, type=event_type, at=time.time(),
+                run_id=run_id, type=event_type, at=clock.now(),
                 attempt=attempt, lease_id=lease_id, step_key=key,
                 data=None if error is None else json.dumps(
                     {"type": error.type, "message": error.message})),),
@@ -125,7 +124,7 @@ class LeasesMixin(core.EngineBase):
         state: bytes | None,
     ) -> None:
         out = decode_json(output or b"null", "output", MAX_PAYLOAD_BYTES)
-        now = time.time()
+        now = clock.now()
         write = model.RunTransition(
             run_id=run_id, lease_id=lease_id, status=model.RunStatus.COMPLETED, output=out,
             # A COMPLETED run carries no error, whatever earlier attempts hit.
@@ -148,7 +147,7 @@ class LeasesMixin(core.EngineBase):
             # Waiting is not failing: the resume continues the same attempt.
             refund_attempt=True, env=session.env, expect_owner=session.id, finishing=False,
             wake_rule=policy.counts_as_woken,
-            events=(model.Event(run_id=run_id, type=model.EventType.SUSPENDED, at=time.time(),
+            events=(model.Event(run_id=run_id, type=model.EventType.SUSPENDED, at=clock.now(),
                                 lease_id=lease_id,
                                 data=json.dumps({"waiting_on": list(step_keys)})),))
         await self._finish(session, write, model.RunStatus.WAITING)
@@ -164,7 +163,7 @@ class LeasesMixin(core.EngineBase):
             raise errors.InvalidArgument("no children to trigger")
         if len(specs) > MAX_BATCH:
             raise errors.ResourceExhausted(f"at most {MAX_BATCH} children per step")
-        now = time.time()
+        now = clock.now()
         # Children are created once per (parent, step key) already; an
         # idempotency key of their own would only collide.
         children = [dataclasses.replace(await self._new_run(session.env, spec, now),
@@ -230,7 +229,7 @@ class LeasesMixin(core.EngineBase):
                 final_error=run.final_error if policy.lost_lease_was_finishing(run) else None)
             expect = model.RunStatus.QUEUED
             late = True
-        now = time.time()
+        now = clock.now()
         if ref.final_error is not None:
             write = policy.finishing_outcome(run_id, lease_id, ref.attempt, ref.final_error,
                                              "Failed", state=self._state(state), now=now)
@@ -249,9 +248,9 @@ class LeasesMixin(core.EngineBase):
         a session whose API key was revoked)."""
         write = model.RunTransition(
             run_id=run_id, lease_id=lease_id, status=model.RunStatus.QUEUED,
-            run_at=time.time(), refund_attempt=True, env=session.env, expect_owner=session.id,
+            run_at=clock.now(), refund_attempt=True, env=session.env, expect_owner=session.id,
             events=(model.Event(run_id=run_id, type=model.EventType.LEASE_RELEASED,
-                                at=time.time(), lease_id=lease_id,
+                                at=clock.now(), lease_id=lease_id,
                                 data=json.dumps({"reason": reason}) if reason else None),))
         await self._finish(session, write, model.RunStatus.QUEUED)
 
@@ -282,7 +281,7 @@ class LeasesMixin(core.EngineBase):
                     model.RunStatus.WAITING: "Suspended"}.get(status, "Failed")
         return await self._write(dataclasses.replace(
             policy.finishing_outcome(write.run_id, write.lease_id, ref.attempt, ref.final_error,
-                                     reported, state=write.state, now=time.time()),
+                                     reported, state=write.state, now=clock.now()),
             env=session.env, expect_owner=session.id))
 
     async def _check_already_finished(

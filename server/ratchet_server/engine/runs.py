@@ -7,12 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 import typing
 from collections.abc import Sequence
 from typing import Any
 
-from ratchet_server import model
+from ratchet_server import clock, model
 from ratchet_server.engine import core, errors, policy, timers, validate
 from ratchet_server.engine.core import (
     MAX_BATCH,
@@ -34,7 +33,7 @@ class RunsMixin(core.EngineBase):
             raise errors.InvalidArgument("nothing to trigger")
         if len(specs) > MAX_BATCH:
             raise errors.ResourceExhausted(f"a batch holds at most {MAX_BATCH} runs")
-        now = time.time()
+        now = clock.now()
         new_runs = [await self._new_run(env, spec, now) for spec in specs]
         results = await self.store.create_runs(new_runs)
         for ready_env, task_id in {(r.env, r.task_id) for r, created in results if created}:
@@ -159,10 +158,10 @@ class RunsMixin(core.EngineBase):
     async def _rerun(self, old: model.Run, payload: bytes, why: str) -> model.Run:
         spec = TriggerSpec(task_id=old.task_id, payload=payload, priority=old.priority,
                            tags=old.tags, metadata=old.metadata)
-        new = dataclasses.replace(await self._new_run(old.env, spec, time.time()),
+        new = dataclasses.replace(await self._new_run(old.env, spec, clock.now()),
                                   replay_of=old.id)
         [(run, _)] = await self.store.create_runs([new])
-        now = time.time()
+        now = clock.now()
         await self.store.append_events([
             model.Event(run_id=old.id, type=model.EventType.REPLAYED, at=now,
                         attempt=old.attempt, data=json.dumps({"new_run_id": run.id, "why": why})),
@@ -183,7 +182,7 @@ class RunsMixin(core.EngineBase):
             return False, step.run_id, f"the run is already {run_status.value}; nothing changed"
         if step.status is model.StepStatus.RUNNING:
             [done] = await self.store.resolve_waits(
-                [policy.token_outcome(step, text, time.time())], policy.counts_as_woken)
+                [policy.token_outcome(step, text, clock.now())], policy.counts_as_woken)
             if done:
                 self._wake.set()
                 return True, step.run_id, ""

@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Sequence
 
-from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, model
+from ratchet_server import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, clock, model
 from ratchet_server.engine import core, errors
 from ratchet_server.engine.core import (
     EndPush,
@@ -133,9 +133,9 @@ class SessionsMixin(core.EngineBase):
     async def _give_back(self, run_id: str, lease_id: str, owner: str) -> None:
         write = model.RunTransition(
             run_id=run_id, lease_id=lease_id, status=model.RunStatus.QUEUED,
-            run_at=time.time(), refund_attempt=True, expect_owner=owner,
+            run_at=clock.now(), refund_attempt=True, expect_owner=owner,
             events=(model.Event(run_id=run_id, type=model.EventType.LEASE_RELEASED,
-                                at=time.time(), lease_id=lease_id,
+                                at=clock.now(), lease_id=lease_id,
                                 data=json.dumps({"reason": "never delivered"})),))
         if await self._write(write):
             self._forget_lease(lease_id)
@@ -161,11 +161,11 @@ class SessionsMixin(core.EngineBase):
                 raise
             except Exception:
                 log.exception("dispatch failed; retrying")
-                more, next_due = False, time.time() + 0.5
+                more, next_due = False, clock.now() + 0.5
             if more:
                 continue
             poll = self.config.poll_interval
-            timeout = poll if next_due is None else min(poll, max(0.005, next_due - time.time()))
+            timeout = poll if next_due is None else min(poll, max(0.005, next_due - clock.now()))
             # Not asyncio.wait_for: on 3.11 it can swallow a cancellation that
             # arrives as the event fires, and stop() would then wait forever.
             with contextlib.suppress(TimeoutError):
@@ -212,7 +212,7 @@ class SessionsMixin(core.EngineBase):
             raise
         except Exception:
             log.exception("dispatch to %s in %s failed; retrying", ",".join(task_ids), env)
-            return False, time.time() + 0.5
+            return False, clock.now() + 0.5
         by_id = {session.id: session for session in sessions}
         for item in leased:
             assert item.run.lease_id is not None and item.run.lease_owner is not None
@@ -232,14 +232,14 @@ class SessionsMixin(core.EngineBase):
             # that a concurrent lease (another group, another replica) held
             # locked and then left; that pass asks for the next due time if
             # it finds nothing.
-            return False, time.time() + PARTIAL_LEASE_RECHECK
+            return False, clock.now() + PARTIAL_LEASE_RECHECK
         try:
             return False, await self.store.next_run_at(env, task_ids)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("next due time of %s in %s failed", ",".join(task_ids), env)
-            return False, time.time() + 0.5
+            return False, clock.now() + 0.5
 
 
 # After a lease that filled only some free slots, the next pass comes this

@@ -20,10 +20,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import Mapping
 
-from ratchet_server import model
+from ratchet_server import clock, model
 from ratchet_server.engine import core, policy
 from ratchet_server.store import Store
 
@@ -39,7 +38,7 @@ async def fire_due_timers(store: Store, limit: int) -> int:
     due = await store.due_steps(limit)
     if not due:
         return 0
-    now = time.time()
+    now = clock.now()
     applied = await store.resolve_waits([policy.timer_outcome(s, now) for s in due],
                                         policy.counts_as_woken)
     return sum(applied)
@@ -48,7 +47,7 @@ async def fire_due_timers(store: Store, limit: int) -> int:
 async def finish_child_waits(store: Store, limit: int) -> int:
     """Complete child waits whose children have all finished: the number
     completed here, each one that the last child's transaction missed."""
-    now = time.time()
+    now = clock.now()
     resolutions = []
     for run_id, key, children in await store.child_wait_candidates(limit):
         resolution = policy.child_wait_outcome(run_id, key, children, now)
@@ -78,7 +77,7 @@ async def find_stuck(store: Store, *, env: str | None = None, settle: float = 0.
     found: list[StuckRun] = []
     after = ""
     while True:
-        now = time.time()
+        now = clock.now()
         batch = await store.unfinished_runs(env, after, page, now - settle)
         for run, waiting_on, steps in batch:
             why = policy.stuck_reason(run, waiting_on, steps, now)
@@ -91,7 +90,7 @@ async def find_stuck(store: Store, *, env: str | None = None, settle: float = 0.
 
 def _still_stuck(run: model.Run, waiting_on: tuple[str, ...],
                  steps: Mapping[str, model.Step]) -> str | None:
-    return policy.stuck_reason(run, waiting_on, steps, time.time())
+    return policy.stuck_reason(run, waiting_on, steps, clock.now())
 
 
 class Reconciler:
@@ -108,7 +107,7 @@ class Reconciler:
         self._after = ""
 
     async def tick(self) -> list[StuckRun]:
-        now = time.time()
+        now = clock.now()
         batch = await self.store.unfinished_runs(None, self._after, self.page,
                                                  now - self.settle)
         self._after = "" if len(batch) < self.page else batch[-1][0].id
@@ -195,7 +194,7 @@ class TimersMixin(core.EngineBase):
                 refs = await self.store.expired_leases(limit=200)
                 if refs:
                     await self._lose_leases(refs, "the lease expired without a heartbeat",
-                                            expired_before=time.time())
+                                            expired_before=clock.now())
                 if await fire_due_timers(self.store, limit=500):
                     self._wake.set()
                 await self.store.expire_runs(limit=500)
@@ -220,7 +219,7 @@ class TimersMixin(core.EngineBase):
         are newer than that); every RETENTION_REWALK passes it begins again at
         the oldest run, for children whose parents have finished since."""
         assert self.config.retention is not None
-        cutoff = time.time() - self.config.retention
+        cutoff = clock.now() - self.config.retention
         if self._retention_passes % RETENTION_REWALK == 0:
             self._retention_after = None
         self._retention_passes += 1

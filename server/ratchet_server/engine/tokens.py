@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import hmac
 import secrets
-import time
 
-from ratchet_server import model
+from ratchet_server import clock, model
 from ratchet_server.engine import errors, ids, policy, validate
 from ratchet_server.engine.core import MAX_PAYLOAD_BYTES, Session, decode_json
 from ratchet_server.engine.runs import RunsMixin
@@ -35,7 +34,7 @@ class TokensMixin(RunsMixin):
         validate.duration(timeout, "timeout")
         validate.tags(tags)
         validate.text(idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY)
-        now = time.time()
+        now = clock.now()
         token = model.Token(
             id=ids.new_id("tok"), env=env, secret=secrets.token_urlsafe(32),
             status=model.TokenStatus.WAITING, data=None, tags=tuple(tags),
@@ -95,7 +94,7 @@ class TokensMixin(RunsMixin):
         done = await self._complete_created(env, token_id, text)
         if done is None:
             return await super().complete_token(env, token_id, data)
-        return done.completed, done.token.run_id or "", explain(done, time.time())
+        return done.completed, done.token.run_id or "", explain(done, clock.now())
 
     async def complete_token_url(self, token_id: str, secret: str,
                                  data: bytes) -> tuple[model.TokenCompletion, str]:
@@ -111,13 +110,13 @@ class TokensMixin(RunsMixin):
         done = await self._complete_created(token.env, token_id, text)
         if done is None:  # deleted meanwhile: tokens are never deleted today
             raise errors.NotFound("no such token URL")
-        return done, explain(done, time.time())
+        return done, explain(done, clock.now())
 
     async def _complete_created(self, env: str, token_id: str,
                                 text: str) -> model.TokenCompletion | None:
         if not token_id:
             return None
-        now = time.time()
+        now = clock.now()
         done = await self.store.complete_token(
             env, token_id, text,
             lambda step: policy.token_outcome(step, text, now), policy.counts_as_woken)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import json
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ratchet_server import model
+from ratchet_server import clock, model
 from ratchet_server.store import _dialect, _rows, _runs, _tokens, _waits, _writes
 from ratchet_server.store.contract import ready_topic
 
@@ -60,7 +59,7 @@ class SqlStore(abc.ABC):
         for parent, key in reached:
             def txn(conn: Any, parent: str = parent, key: str = key) -> bool:
                 if not _waits.end_child_wait_txn(conn, self.dialect, parent, key, rules,
-                                                 time.time()):
+                                                 clock.now()):
                     return False
                 self._notify_txn(conn, {"*"})
                 return True
@@ -118,7 +117,7 @@ class SqlStore(abc.ABC):
                 self._execute_script(conn, path.read_text())
                 conn.execute(
                     d.sql("insert_migration"),
-                    {"v": version, "n": path.name, "t": time.time()},
+                    {"v": version, "n": path.name, "t": clock.now()},
                 )
                 applied.append(path.name)
             return applied
@@ -137,7 +136,7 @@ class SqlStore(abc.ABC):
         self, *, key_id: str, env: str, role: model.Role, name: str, key_hash: str
     ) -> None:
         params = {"id": key_id, "env": env, "role": role.value, "name": name,
-                  "key_hash": key_hash, "now": time.time()}
+                  "key_hash": key_hash, "now": clock.now()}
         await self._run(lambda c: c.execute(self.dialect.sql("insert_api_key"), params))
 
     async def find_api_key(self, key_hash: str) -> model.ApiKey | None:
@@ -170,7 +169,7 @@ class SqlStore(abc.ABC):
         return await self._run(txn)
 
     async def upsert_tasks(self, tasks: Sequence[model.TaskDef]) -> None:
-        now = time.time()
+        now = clock.now()
         sql = self.dialect.sql("upsert_task")
 
         def txn(conn: Any) -> None:
@@ -198,7 +197,7 @@ class SqlStore(abc.ABC):
         d = self.dialect
 
         def txn(conn: Any) -> list[tuple[model.Run, bool]]:
-            result = _runs.create_runs_txn(conn, d, runs, time.time())
+            result = _runs.create_runs_txn(conn, d, runs, clock.now())
             if any(created for _, created in result):
                 self._notify_txn(conn, {ready_topic(r.env, r.task_id) for r in runs})
             return result
@@ -254,7 +253,7 @@ class SqlStore(abc.ABC):
 
     async def discard_run(self, env: str, run_id: str) -> model.Run | None:
         def txn(conn: Any) -> model.Run | None:
-            now = time.time()
+            now = clock.now()
             row = conn.execute(self.dialect.sql("discard_run"),
                                {"env": env, "id": run_id, "now": now}).fetchone()
             if row is None:
@@ -274,7 +273,7 @@ class SqlStore(abc.ABC):
     async def replay_run(self, env: str, run_id: str, retry: model.Retry,
                          rerun_steps: Sequence[str] = ()) -> model.Run | None:
         def txn(conn: Any) -> model.Run | None:
-            now = time.time()
+            now = clock.now()
             row = conn.execute(self.dialect.sql("replay_run"), {
                 "env": env, "id": run_id, "now": now,
                 "retry": _rows.retry_to_json(retry)}).fetchone()
@@ -306,7 +305,7 @@ class SqlStore(abc.ABC):
         reached: list[tuple[str, str]] = []
 
         def txn(conn: Any) -> model.Run | None:
-            now = time.time()
+            now = clock.now()
             row = conn.execute(self.dialect.sql("cancel_run"),
                                {"env": env, "id": run_id, "now": now}).fetchone()
             if row is None:
@@ -330,7 +329,7 @@ class SqlStore(abc.ABC):
         ttl: float, owners: Sequence[str] = (),
     ) -> list[model.LeasedRun]:
         def txn(conn: Any) -> list[model.LeasedRun]:
-            now = time.time()
+            now = clock.now()
             return _runs.lease_ready_txn(conn, self.dialect, env=env, task_ids=task_ids,
                                         limit=limit, owner=owner, nonce=nonce, now=now,
                                         expires_at=now + ttl, owners=owners)
@@ -357,7 +356,7 @@ class SqlStore(abc.ABC):
 
         def txn(conn: Any) -> int:
             cur = conn.execute(sql, {"owner": owner, "lease_ids": d.in_param(lease_ids),
-                                     "expires_at": time.time() + ttl})
+                                     "expires_at": clock.now() + ttl})
             return int(cur.rowcount)
 
         return await self._run(txn)
@@ -369,7 +368,7 @@ class SqlStore(abc.ABC):
         sql = d.sql("adopt_leases", lease_ids=d.in_list.format(param=":lease_ids"))
 
         def txn(conn: Any) -> list[str]:
-            now = time.time()
+            now = clock.now()
             rows = conn.execute(sql, {"env": env, "lease_ids": d.in_param(lease_ids),
                                       "owner": owner, "expires_at": now + ttl}).fetchall()
             _rows.insert_events_txn(conn, d, (model.Event(
@@ -382,7 +381,7 @@ class SqlStore(abc.ABC):
     async def expired_leases(self, limit: int) -> list[model.LeaseRef]:
         def txn(conn: Any) -> list[model.LeaseRef]:
             rows = conn.execute(self.dialect.sql("select_expired_leases"),
-                                {"now": time.time(), "limit": limit}).fetchall()
+                                {"now": clock.now(), "limit": limit}).fetchall()
             return [_rows.lease_ref_from_row(r) for r in rows]
 
         return await self._run(txn)
@@ -407,11 +406,11 @@ class SqlStore(abc.ABC):
         if _writes.one_statement(self.dialect, writes):
             # The per-step hot path: one round trip, no BEGIN and COMMIT.
             return await self._run_autocommit(lambda conn: _writes.apply_step_writes_txn(
-                conn, self.dialect, writes, time.time()))
+                conn, self.dialect, writes, clock.now()))
         reached: list[tuple[str, str]] = []
 
         def txn(conn: Any) -> list[bool]:
-            now = time.time()
+            now = clock.now()
             children: set[str] = set()
             result = _writes.apply_writes_txn(conn, self.dialect, writes, now, children)
             reached[:] = self._children_final_txn(
@@ -431,7 +430,7 @@ class SqlStore(abc.ABC):
 
     async def due_steps(self, limit: int) -> list[model.Step]:
         return await self._run(
-            lambda conn: _waits.due_steps_txn(conn, self.dialect, time.time(), limit))
+            lambda conn: _waits.due_steps_txn(conn, self.dialect, clock.now(), limit))
 
     async def child_wait_candidates(
         self, limit: int
@@ -455,7 +454,7 @@ class SqlStore(abc.ABC):
 
     async def list_tokens(self, flt: model.TokenFilter, limit: int,
                           cursor: tuple[float, str] | None) -> list[model.Token]:
-        now = time.time()
+        now = clock.now()
         return await self._run(
             lambda c: _tokens.list_tokens_txn(c, self.dialect, flt, limit, cursor, now))
 
@@ -463,7 +462,7 @@ class SqlStore(abc.ABC):
                             rule: model.TokenWaitRule) -> bool | str:
         try:
             return await self._run(lambda c: _tokens.wait_on_token_txn(
-                c, self.dialect, write, rule, time.time()))
+                c, self.dialect, write, rule, clock.now()))
         except _tokens.Undo as undone:
             return str(undone.result)
 
@@ -473,7 +472,7 @@ class SqlStore(abc.ABC):
     ) -> model.TokenCompletion | None:
         def txn(conn: Any) -> model.TokenCompletion | None:
             done = _tokens.complete_token_txn(conn, self.dialect, env, token_id, data,
-                                              time.time(), outcome, rule)
+                                              clock.now(), outcome, rule)
             if done is not None and done.woken:
                 self._notify_txn(conn, {"*"})
             return done
@@ -489,7 +488,7 @@ class SqlStore(abc.ABC):
     ) -> list[bool]:
         def txn(conn: Any) -> list[bool]:
             applied, woken = _waits.resolve_waits_txn(conn, self.dialect, resolutions, rule,
-                                                      time.time())
+                                                      clock.now())
             if woken:
                 self._notify_txn(conn, {"*"})
             return applied
@@ -507,7 +506,7 @@ class SqlStore(abc.ABC):
 
     async def repair_run(self, run_id: str, still_stuck: _waits.StuckCheck) -> str | None:
         def txn(conn: Any) -> str | None:
-            why = _waits.repair_txn(conn, self.dialect, run_id, still_stuck, time.time())
+            why = _waits.repair_txn(conn, self.dialect, run_id, still_stuck, clock.now())
             if why is not None:
                 self._notify_txn(conn, {"*"})
             return why
@@ -519,7 +518,7 @@ class SqlStore(abc.ABC):
         reached: list[tuple[str, str]] = []
 
         def txn(conn: Any) -> list[str]:
-            now = time.time()
+            now = clock.now()
             rows = conn.execute(d.sql("expire_runs", skip_locked=d.skip_locked),
                                 {"now": now, "limit": limit}).fetchall()
             _rows.insert_events_txn(conn, d, (model.Event(
@@ -537,7 +536,7 @@ class SqlStore(abc.ABC):
         reached: list[tuple[str, str]] = []
 
         def txn(conn: Any) -> list[model.LeaseRef]:
-            now = time.time()
+            now = clock.now()
             rows = conn.execute(d.sql("time_out_runs", skip_locked=d.skip_locked),
                                 {"now": now, "limit": limit,
                                  "error": _rows.error_to_json(error)}).fetchall()
@@ -560,7 +559,7 @@ class SqlStore(abc.ABC):
         def txn(conn: Any) -> list[str] | None:
             ids = _runs.create_children_txn(conn, self.dialect, parent=parent,
                                            lease_id=lease_id, step_key=step_key,
-                                           children=children, wait=wait, now=time.time())
+                                           children=children, wait=wait, now=clock.now())
             if ids:
                 self._notify_txn(conn, {ready_topic(c.env, c.task_id) for c in children})
             return ids
@@ -571,7 +570,7 @@ class SqlStore(abc.ABC):
         reached: list[tuple[str, str]] = []
 
         def txn(conn: Any) -> list[model.Run]:
-            now = time.time()
+            now = clock.now()
             rows = conn.execute(self.dialect.sql("cancel_children"),
                                 {"parent": parent_run_id, "now": now}).fetchall()
             runs = [_rows.run_from_row(r) for r in rows]

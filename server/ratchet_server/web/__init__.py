@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ratchet_server import clock
 from ratchet_server.engine import errors
 from ratchet_server.engine import tokens as token_rules
 from ratchet_server.engine.core import MAX_PAYLOAD_BYTES
@@ -75,7 +75,7 @@ def build_app(engine: Engine) -> Starlette:
         except StoreUnavailable as exc:
             log.warning("token completion over HTTP: %s", exc)
             return _error(503, "the database is unavailable; try again")
-        status = token_rules.status_of(done, time.time())
+        status = token_rules.status_of(done, clock.now())
         answer: dict[str, Any] = {"completed": done.completed, "token_id": token_id,
                                   "status": status.value}
         if done.token.run_id:
