@@ -53,6 +53,9 @@ DEFAULT_TIMEOUT = 10.0
 # after its stream ends; finished runs are kept however far the clock moves.
 SESSION_GRACE = 0.05
 POLL = 0.005
+# Due waits are acted on when the test moves the clock (or settles with one
+# due), not by the timer loop's tick: the loop is only a slow safety net here.
+TIMER_INTERVAL = 60.0
 
 _open: Environment | None = None
 _worker_ids = itertools.count(1)
@@ -104,7 +107,9 @@ class Environment:
         try:
             self._store = await store_mod.open_store("sqlite://:memory:")
             await self._store.migrate()
-            config = engine_mod.EngineConfig(session_grace=SESSION_GRACE, retention=None)
+            config = engine_mod.EngineConfig(session_grace=SESSION_GRACE, retention=None,
+                                             timer_interval=TIMER_INTERVAL,
+                                             reap_interval=TIMER_INTERVAL)
             self._coordinator = app.Coordinator(self._store, app.ServerOptions(
                 listen="127.0.0.1:0", http_listen=None, auth=False, engine=config))
             await self._coordinator.start()
@@ -306,6 +311,8 @@ class Environment:
             if due is not None and due <= clock.now():
                 return "a run is ready to start"
         if await store.due_steps(1):
+            assert self._coordinator is not None
+            await self._coordinator.engine.fire_timers()
             return "a wait is due"
         return ""
 
@@ -410,9 +417,8 @@ def _collect(items: Iterable[Task[Any, Any] | types.ModuleType | str]) -> dict[s
 def _server() -> tuple[Any, Any, Any, Any]:
     """The coordinator's modules, imported on first use (the server extra)."""
     try:
-        from ratchet_server import app, clock, store
-        from ratchet_server.engine import engine
+        return tuple(importlib.import_module(f"ratchet_server.{name}")  # type: ignore[return-value]
+                     for name in ("clock", "app", "store", "engine.engine"))
     except ImportError as exc:
         raise ImportError(f"ratchet.testing needs the coordinator ({exc}): install "
                           "it with pip install 'ratchet[server]'") from exc
-    return clock, app, store, engine

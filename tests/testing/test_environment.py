@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import sys
 import threading
 import time
 from typing import Any
@@ -138,6 +139,21 @@ async def test_skip_time_does_not_end_a_token_wait_without_a_timeout() -> None:
             await env.result(run, skip_time=True, timeout=0.3)
 
 
+@ratchet.task(id="testing-short-nap")
+async def short_nap(ctx: ratchet.Context, payload: Any) -> str:
+    await ctx.sleep("blink", 3)  # under a production worker's sleep threshold
+    return "awake"
+
+
+async def test_a_short_sleep_follows_the_clock_too() -> None:
+    async with ratchet.testing.Environment([short_nap]) as env:
+        run = await env.trigger(short_nap)
+        began = time.monotonic()
+        await env.advance(3)
+        assert await env.result(run) == "awake"
+        assert time.monotonic() - began < 1.0
+
+
 async def test_a_token_completed_through_the_environment() -> None:
     async with ratchet.testing.Environment(TASKS) as env:
         run = await env.trigger(approval)
@@ -209,7 +225,7 @@ async def test_tasks_from_a_module_and_no_threads_left_behind() -> None:
 
     before = {t.ident for t in threading.enumerate()}
     async with ratchet.testing.Environment([here]) as env:
-        assert set(env.tasks) == {t.id for t in TASKS} | {long_naps.id}
+        assert set(env.tasks) == {t.id for t in TASKS} | {long_naps.id, short_nap.id}
         assert await env.result(await env.trigger(typed, {"id": 1, "items": []})) == \
             Receipt(order_id=1, count=0)
     await asyncio.sleep(0.1)
@@ -232,3 +248,11 @@ async def test_one_environment_at_a_time() -> None:
         with pytest.raises(RuntimeError, match="already open"):
             async with ratchet.testing.Environment(TASKS):
                 pass
+
+
+async def test_without_the_server_extra_the_error_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ratchet_server.app", None)
+    with pytest.raises(ImportError, match=r"pip install 'ratchet\[server\]'"):
+        async with ratchet.testing.Environment(TASKS):
+            pass
