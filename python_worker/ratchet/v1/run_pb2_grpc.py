@@ -105,6 +105,16 @@ class RunServiceStub:
                 request_serializer=ratchet_dot_v1_dot_run__pb2.ListTokensRequest.SerializeToString,
                 response_deserializer=ratchet_dot_v1_dot_run__pb2.ListTokensResponse.FromString,
                 _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/ratchet.v1.RunService/ListTasks',
+                request_serializer=ratchet_dot_v1_dot_run__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=ratchet_dot_v1_dot_run__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/ratchet.v1.RunService/ListWorkers',
+                request_serializer=ratchet_dot_v1_dot_run__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=ratchet_dot_v1_dot_run__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -236,7 +246,32 @@ class RunServiceServicer:
 
     def ListTokens(self, request, context):
         """ListTokens pages through the environment's tokens created with
-        CreateToken, newest first, without their completion URLs.
+        CreateToken, newest first, without their completion URLs; with a run_id,
+        through the tokens that run waits or waited on, its own included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """ListTasks lists the tasks registered in the caller's environment (by
+        the hello of any worker, on any coordinator: registrations are stored),
+        id order, each with the definition its last worker announced and the
+        sessions connected to the coordinator answering that serve it now. A
+        task stays registered after its workers leave; its served_by is then
+        empty. Client and admin keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkers(self, request, context):
+        """ListWorkers lists the worker sessions of the caller's environment that
+        are connected to the coordinator answering (sessions live in the memory
+        of the coordinator a worker streams to; they are not stored), oldest
+        first. With several coordinators behind one address, each reply shows
+        one coordinator's sessions (WorkerSession.coordinator says which); ask
+        each coordinator's own address for all of them. Client and admin keys.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -314,6 +349,16 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ListTokens,
                     request_deserializer=ratchet_dot_v1_dot_run__pb2.ListTokensRequest.FromString,
                     response_serializer=ratchet_dot_v1_dot_run__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=ratchet_dot_v1_dot_run__pb2.ListTasksRequest.FromString,
+                    response_serializer=ratchet_dot_v1_dot_run__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=ratchet_dot_v1_dot_run__pb2.ListWorkersRequest.FromString,
+                    response_serializer=ratchet_dot_v1_dot_run__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -695,6 +740,60 @@ class RunService:
             '/ratchet.v1.RunService/ListTokens',
             ratchet_dot_v1_dot_run__pb2.ListTokensRequest.SerializeToString,
             ratchet_dot_v1_dot_run__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratchet.v1.RunService/ListTasks',
+            ratchet_dot_v1_dot_run__pb2.ListTasksRequest.SerializeToString,
+            ratchet_dot_v1_dot_run__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratchet.v1.RunService/ListWorkers',
+            ratchet_dot_v1_dot_run__pb2.ListWorkersRequest.SerializeToString,
+            ratchet_dot_v1_dot_run__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,
