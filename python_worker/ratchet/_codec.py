@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,7 +15,12 @@ from typing import Any
 import pydantic_core
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from ratchet._errors import NonRetryableError, StepFailedError
+from ratchet._errors import (
+    NonRetryableError,
+    NotSupportedError,
+    StepFailedError,
+    WriteRefusedError,
+)
 from ratchet._retry import Retry
 from ratchet._types import Run, RunError, RunEvent, RunStatus, StepInfo, Token
 from ratchet.v1 import common_pb2, run_pb2
@@ -43,6 +49,41 @@ def to_json(value: Any) -> bytes:
     if b"NaN" in data or b"Infinity" in data:  # rare: confirm outside strings
         json.loads(data, parse_constant=_no_constants)
     return data
+
+
+def step_output(key: str, value: Any, what: str = "step") -> bytes:
+    """A step's (or task's) return value as JSON, or a TypeError naming the
+    step, what could not be encoded and the fix. The error is marked
+    `non_retryable`: encoding the same value again cannot succeed, so retrying
+    would only repeat the step's side effects."""
+    try:
+        return to_json(value)
+    except TypeError as exc:
+        error = TypeError(
+            f"{what} {key!r} returned {_unencodable(value, exc)}, which cannot be stored as "
+            "JSON: return JSON-compatible data (dict, list, str, int, float, bool, None), "
+            "a pydantic model or a dataclass")
+        setattr(error, "non_retryable", True)  # noqa: B010 (an attribute TypeError lacks)
+        raise error from None
+
+
+def _unencodable(value: Any, exc: TypeError) -> str:
+    """What in a value JSON cannot carry, as pydantic names it ("a set" is fine,
+    "Unable to serialize unknown type: <class 'x.Y'>" is not)."""
+    match = re.search(r"unknown type: <class '([^']+)'>", str(exc))
+    if match:
+        found = match.group(1).removeprefix("builtins.")
+        outer = _type_name(type(value))
+        return (f"a value of type {found}" if outer == found
+                else f"a {outer} holding a value of type {found}")
+    if "NaN" in str(exc) or "Infinity" in str(exc):
+        return "a float that is NaN or infinite"
+    return f"a value of type {_type_name(type(value))} ({exc})"
+
+
+def _type_name(cls: type) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else \
+        f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _no_constants(name: str) -> None:
@@ -95,6 +136,8 @@ def error_from_exception(exc: BaseException, *, step_key: str = "", attempt: int
     """Describe an exception; a StepFailedError reports the step's own error."""
     if isinstance(exc, StepFailedError):
         return exc.error
+    if isinstance(exc, WriteRefusedError) and not step_key:
+        step_key = exc.step_key  # the step whose checkpoint was refused, if any
     cls = type(exc)
     name = cls.__qualname__ if cls.__module__ in ("builtins", "ratchet._errors") \
         else f"{cls.__module__}.{cls.__qualname__}"
@@ -149,13 +192,30 @@ def event_from_pb(pb: run_pb2.RunEvent) -> RunEvent:
                     data=from_json(pb.data) or {})
 
 
+QUEUE_NOT_SUPPORTED = (
+    "queue= is not supported yet: runs are dispatched by task id, each task is its own "
+    "queue; leave queue unset (to keep workloads apart, make them separate tasks served by "
+    "separate workers)")
+CONCURRENCY_KEY_NOT_SUPPORTED = (
+    "concurrency_key= is not supported yet: runs are not limited per key; leave it unset "
+    "(to bound how many runs execute at once, use the worker's slots: ratchet worker --slots)")
+
+
 def trigger_options(
     idempotency_key: str | None, idempotency_key_ttl: float | None, delay: float | None,
     ttl: float | None, priority: int, queue: str | None, concurrency_key: str | None,
     tags: Sequence[str], metadata: Mapping[str, str] | None, retry: Retry | None,
     max_duration: float | None,
 ) -> run_pb2.TriggerOptions:
-    """Trigger options as the protocol carries them (None and empty = unset)."""
+    """Trigger options as the protocol carries them (None and empty = unset).
+
+    Raises NotSupportedError for `queue` and `concurrency_key`: the protocol
+    carries them, but the coordinator does not act on them yet (and refuses them).
+    """
+    if queue:
+        raise NotSupportedError(QUEUE_NOT_SUPPORTED)
+    if concurrency_key:
+        raise NotSupportedError(CONCURRENCY_KEY_NOT_SUPPORTED)
     opts = run_pb2.TriggerOptions(
         idempotency_key=idempotency_key or "", priority=priority, queue=queue or "",
         concurrency_key=concurrency_key or "", tags=list(tags), metadata=dict(metadata or {}))

@@ -3,7 +3,9 @@
     RatchetError
     ├── NonRetryableError       raise it (or a subclass) to fail at once, without retries
     │   ├── ChildOutputError    a child's output does not fit its task's output type
-    │   └── TokenDataError      a token's data does not fit the model it was waited with
+    │   ├── TokenDataError      a token's data does not fit the model it was waited with
+    │   ├── WriteRefusedError   the coordinator refused a step's or run's write (too large, ...)
+    │   └── NotSupportedError   an option Ratchet does not implement yet (queue=, ...)
     ├── StepFailedError         a step used up its attempts; carries the step key and error
     ├── RunFailedError          Client.wait(): the run ended other than COMPLETED
     ├── LeaseLostError          the coordinator no longer honours this worker's lease
@@ -124,6 +126,22 @@ class ChildOutputError(NonRetryableError):
         self.output_type = output_type
         self.output = output
         self.validation = validation
+
+
+class WriteRefusedError(NonRetryableError):
+    """The coordinator refused a checkpoint or an outcome as invalid: an output,
+    state or payload over its size limit, or not valid JSON. Sending it again
+    cannot help. `step_key` names the step whose checkpoint was refused ("" for
+    the run's own outcome)."""
+
+    def __init__(self, message: str, *, step_key: str = "") -> None:
+        super().__init__(message)
+        self.step_key = step_key
+
+
+class NotSupportedError(NonRetryableError):
+    """An option that Ratchet accepts in its protocol but does not implement yet
+    (`queue=`, `concurrency_key=`): refused rather than silently ignored."""
 
 
 class LeaseLostError(RatchetError):

@@ -13,8 +13,8 @@ from typing import Any, Generic, TypeVar
 
 import pydantic
 
-from ratchet._codec import to_json
-from ratchet._errors import NonRetryableError
+from ratchet._codec import QUEUE_NOT_SUPPORTED, step_output
+from ratchet._errors import NonRetryableError, NotSupportedError
 from ratchet._retry import Retry
 
 if typing.TYPE_CHECKING:
@@ -72,7 +72,8 @@ class Task(Generic[P, Out]):
             raise PayloadValidationError(f"payload of task {self.id!r}: {exc}") from None
 
     def dump_output(self, value: Out) -> bytes:
-        return to_json(value)
+        """The output as JSON; a non-retryable TypeError if JSON cannot carry it."""
+        return step_output(self.id, value, what="task")
 
     async def __call__(self, ctx: Context, payload: P) -> Out:
         """Call the function directly (no durability): handy in unit tests."""
@@ -106,7 +107,9 @@ def task(
     running, unless `retry` has `rerun_failed_steps=True` (each step retries
     on its own: see `Context.step`). `on_failure(ctx,
     error)` runs once, as a durable step, when the run ends FAILED (not on
-    attempts that will be retried).
+    attempts that will be retried). `queue` must be left unset (or be the
+    task id): queues are not supported yet, and another value raises
+    NotSupportedError rather than being ignored.
     """
 
     def wrap(fn: Callable[[Context, P], Awaitable[Out]]) -> Task[P, Out]:
@@ -122,6 +125,8 @@ def task(
         payload_type = hints.get(params[1].name)
         if payload_type is typing.Any:
             payload_type = None
+        if queue not in (None, task_id):
+            raise NotSupportedError(f"task {task_id!r}: {QUEUE_NOT_SUPPORTED}")
         output_type = hints.get("return")
         if output_type in (typing.Any, type(None)):
             output_type = None

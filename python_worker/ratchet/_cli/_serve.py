@@ -8,7 +8,9 @@ import importlib.util
 import logging
 import os
 import sys
+import sysconfig
 import threading
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,80 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--drain-timeout", type=duration, default=duration("30s"))
     client_args(p)
+
+
+class UserCodeError(CLIError):
+    """A module named on the command line raised while it was imported.
+
+    One line names the module, the exception and where the user's code raised
+    it; `traceback()` is the traceback from the user's code on (for `-v`),
+    without the frames of Ratchet and importlib that led there.
+    """
+
+    def __init__(self, spec: str, exc: BaseException) -> None:
+        where = _where(exc)
+        self.line = (f"importing {spec} failed: {type(exc).__name__}: {exc}"
+                     f"{f' ({where})' if where else ''}")
+        super().__init__(f"{self.line}; run with -v for the traceback")
+        self.exc = exc
+
+    def traceback(self) -> str:
+        """The traceback from the first frame of the user's code; the error's
+        message then no longer points to -v (it was given)."""
+        tb = self.exc.__traceback__
+        while tb is not None and not _is_own_frame(tb.tb_frame.f_code.co_filename):
+            tb = tb.tb_next
+        self.args = (self.line,)
+        return "".join(traceback.format_exception(
+            type(self.exc), self.exc, tb or self.exc.__traceback__))
+
+
+_RATCHET_DIR = str(Path(__file__).resolve().parent.parent)
+_LIBRARY_DIRS = tuple({sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib",
+                                                         "platlib")} - {None})
+
+
+def _is_user_frame(filename: str) -> bool:
+    return not filename.startswith(("<frozen", _RATCHET_DIR + os.sep))
+
+
+def _is_own_frame(filename: str) -> bool:
+    return _is_user_frame(filename) and not filename.startswith(_LIBRARY_DIRS)
+
+
+def _where(exc: BaseException) -> str:
+    """`file, line N` of the deepest frame in the user's code (not in Ratchet,
+    importlib, the standard library or installed packages); the deepest frame
+    of all when every frame is library code. A SyntaxError names its own."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{_shown(exc.filename)}, line {exc.lineno}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_user_frame(f.filename)]
+    own = [f for f in frames if _is_own_frame(f.filename)]
+    if not (own or frames):
+        return ""
+    frame = (own or frames)[-1]
+    return f"{_shown(frame.filename)}, line {frame.lineno}"
+
+
+def _shown(filename: str) -> str:
+    """A path as the user would type it: relative to the working directory when under it."""
+    try:
+        return os.path.relpath(filename) if Path(filename).resolve().is_relative_to(
+            Path.cwd()) else filename
+    except (OSError, ValueError):
+        return filename
+
+
+def _raised_by_user_code(exc: ImportError | FileNotFoundError, name: str) -> bool:
+    """An ImportError from inside the module (it imports what is not installed)
+    is the user's to fix where it is written; the module itself missing is not."""
+    if isinstance(exc, FileNotFoundError):
+        return False
+    missing = getattr(exc, "name", None)
+    module = name.removesuffix(".py") if name.endswith(".py") else name
+    if missing is not None and (module == missing or module.startswith(missing + ".")):
+        return False
+    return any(_is_user_frame(f.filename) for f in traceback.extract_tb(exc.__traceback__))
 
 
 def load_tasks(specs: Sequence[str]) -> list[Task[Any, Any]]:
@@ -45,7 +121,11 @@ def load_tasks(specs: Sequence[str]) -> list[Task[Any, Any]]:
             else:
                 module = importlib.import_module(name)
         except (ImportError, FileNotFoundError) as exc:
+            if _raised_by_user_code(exc, name):
+                raise UserCodeError(name, exc) from None
             raise CLIError(f"cannot import {name!r}: {exc}") from None
+        except Exception as exc:  # the module itself raised: its file and line, not ours
+            raise UserCodeError(name, exc) from None
         objects = [getattr(module, attr, None)] if attr else list(vars(module).values())
         if attr and objects[0] is None:
             raise CLIError(f"{name!r} has no attribute {attr!r}")
