@@ -52,6 +52,10 @@ async def test_a_run_waiting_on_a_token_then_canceled(cluster: Cluster, tmp_path
     [step] = [s for s in data["steps"] if s["kind"] == "token"]  # type: ignore[attr-defined]
     assert step["token_id"] == token and step["wake_at"] == wait["times_out_at"]
 
+    listed = await run_cli_async("runs", "list", "--status", "WAITING", env=cluster.cli_env())
+    [line] = [ln for ln in listed.stdout.splitlines() if ln.startswith(run.id)]
+    assert "WAITING    attempt 1" in line, line
+
     canceled = await run_cli_async("runs", "cancel", run.id, "--reason", "customer withdrew",
                                    env=cluster.cli_env())
     assert canceled.returncode == 0, canceled.stderr

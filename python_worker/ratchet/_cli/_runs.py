@@ -17,7 +17,7 @@ from ratchet._cli._common import (
     payload,
     status_option,
 )
-from ratchet._cli._render import render_history, render_run, run_json
+from ratchet._cli._render import render_history, render_run, run_json, shown_attempt
 from ratchet._client import Client
 from ratchet._errors import ClientError, RatchetError
 from ratchet._types import Run, RunStatus
@@ -129,7 +129,7 @@ async def run(args: argparse.Namespace) -> int:
                 for r in runs:
                     created = r.created_at.strftime("%Y-%m-%d %H:%M:%S") if r.created_at else ""
                     print(f"{r.id}  {r.task_id:<24} {r.status.value:<10} "
-                          f"attempt {r.attempt}  {created}")
+                          f"attempt {shown_attempt(r)}  {created}")
         elif args.runs_command == "show":
             await _show(client, args)
         elif args.runs_command == "cancel":
