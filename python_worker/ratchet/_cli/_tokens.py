@@ -7,42 +7,73 @@ import datetime as dt
 import json
 from typing import Any
 
-from ratchet._cli._common import client_args, duration, payload
+from ratchet._cli._common import JSON_FORMS, client_args, duration, payload
 from ratchet._client import Client
 from ratchet._types import Token
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    tokens = sub.add_parser("tokens", help="wait tokens").add_subparsers(
-        dest="tokens_command", required=True)
-    p = tokens.add_parser("complete", help="complete a wait token, waking its run")
-    p.add_argument("token")
-    p.add_argument("--data", default="null", help="JSON handed to the waiting task")
+    tokens = sub.add_parser(
+        "tokens", help="wait tokens",
+        description="Wait tokens: what a run's ctx.wait_for_token waits on. Complete one "
+                    "to wake its run; list a run's tokens with `tokens list --run RUN`."
+    ).add_subparsers(dest="tokens_command", required=True, metavar="COMMAND")
+    p = tokens.add_parser("complete", help="complete a wait token, waking its run",
+                          description="Deliver data to a wait token; the run waiting on "
+                                      "it resumes with the data.")
+    p.add_argument("token", help="the token's id (see `tokens list --run RUN`)")
+    p.add_argument("--data", default="null",
+                   help=f"what the waiting task receives: {JSON_FORMS} (default null; "
+                        "at most 1 MiB)")
     client_args(p)
-    p = tokens.add_parser("create", help="create a wait token outside any run; print it")
-    p.add_argument("--timeout", type=duration, default=None, help="TIMED_OUT after this")
-    p.add_argument("--idempotency-key", default="")
-    p.add_argument("--tag", action="append", default=[])
-    p.add_argument("--json", action="store_true")
+    p = tokens.add_parser("create", help="create a wait token outside any run; print it",
+                          description="Create a wait token outside any run and print its "
+                                      "id and completion URL (POST JSON to the URL to "
+                                      "complete it, no API key needed).")
+    p.add_argument("--timeout", type=duration, default=None,
+                   help="TIMED_OUT after DURATION from now, e.g. 30s, 15m, 2h, 7d or plain "
+                        "seconds (default never)")
+    p.add_argument("--idempotency-key", default="",
+                   help="at most one token per key: a repeat returns the first token "
+                        "(default none)")
+    p.add_argument("--tag", action="append", default=[],
+                   help="a label to list tokens by; repeat for more (default none)")
+    p.add_argument("--json", action="store_true",
+                   help="print the token as JSON (default: its id, then its URL)")
     client_args(p)
-    p = tokens.add_parser("get", help="show a token created outside a run, with its URL")
-    p.add_argument("token")
-    p.add_argument("--json", action="store_true")
+    p = tokens.add_parser("get", help="show a token created outside a run, with its URL",
+                          description="Show a token created with `tokens create`, with "
+                                      "its completion URL.")
+    p.add_argument("token", help="the token's id")
+    p.add_argument("--json", action="store_true",
+                   help="print the token as JSON (default: one line, then its URL)")
     client_args(p)
-    p = tokens.add_parser("list", help="tokens created outside runs, newest first")
-    p.add_argument("--run", default=None, help="only the token this run waits on")
-    p.add_argument("--status", action="append", default=[],
-                   choices=["WAITING", "COMPLETED", "TIMED_OUT"])
-    p.add_argument("--tag", action="append", default=[], help="only tokens with every tag")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
+    p = tokens.add_parser(
+        "list", help="list wait tokens, newest first (--run: the tokens a run waits on)",
+        description="Without --run: tokens created outside runs (`tokens create`), newest "
+                    "first. With --run: every token that run waits on or has waited on, "
+                    "whether the run created it or was given it, with its status.")
+    p.add_argument("--run", default=None,
+                   help="only the tokens this run (its id) waits on or waited on "
+                        "(default: tokens created outside runs)")
+    p.add_argument("--status", action="append", default=[], type=str.upper,
+                   choices=["WAITING", "COMPLETED", "TIMED_OUT"],
+                   help="only tokens with this status: WAITING, COMPLETED or TIMED_OUT; "
+                        "repeat for more (default all)")
+    p.add_argument("--tag", action="append", default=[],
+                   help="only tokens with every tag given; repeat for more (default none)")
+    p.add_argument("--limit", type=int, default=50,
+                   help="at most this many, 1 to 1000 (default 50)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON array (default: one line per token)")
     client_args(p)
 
 
 async def run(args: argparse.Namespace) -> int:
+    data = payload(args.data, "--data") if args.tokens_command == "complete" else None
     async with Client(args.coordinator, api_key=args.api_key) as client:
         if args.tokens_command == "complete":
-            if await client.complete_token(args.token, payload(args.data, "--data")):
+            if await client.complete_token(args.token, data):
                 print(f"{args.token} completed")
             else:
                 print(f"{args.token} was already completed or timed out; nothing changed")
