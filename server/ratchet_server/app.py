@@ -45,6 +45,13 @@ SHUTDOWN_MESSAGE = ("the coordinator is shutting down: reconnect (to another rep
                     "the lease TTL")
 
 
+# The SDK's channels ping every 10 s, idle or not, to notice a dead
+# connection (ratchet._session.CHANNEL_OPTIONS). gRPC servers by default take
+# pings without calls, or more often than every 5 minutes, as abuse and end
+# the connection (GOAWAY too_many_pings): accept one every this many ms.
+KEEPALIVE_MIN_PING_MS = 5_000
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerOptions:
     listen: str = "127.0.0.1:7420"
@@ -83,7 +90,10 @@ class Coordinator:
         server = grpc.aio.server(
             interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                     ("grpc.so_reuseport", 0)])
+                     ("grpc.so_reuseport", 0),
+                     ("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.min_ping_interval_without_data_ms",
+                      KEEPALIVE_MIN_PING_MS)])
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(self.engine), server)
         public_url = self.options.public_url or f"http://{self.options.http_listen}"
         run_pb2_grpc.add_RunServiceServicer_to_server(RunService(self.engine, public_url),
@@ -93,9 +103,13 @@ class Coordinator:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(self.options.listen)
+        try:
+            self.port = server.add_insecure_port(self.options.listen)
+        except RuntimeError:  # gRPC's "Failed to bind to address ..."
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.options.listen}")
+            raise OSError(f"cannot listen on {self.options.listen} (gRPC): the port is in use "
+                          "or the address is not this host's")
         await server.start()
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -103,8 +117,13 @@ class Coordinator:
         self._server = server
         if self.options.http_listen:
             host, _, port = self.options.http_listen.rpartition(":")
-            self._http = HttpServer(self.engine, host or "127.0.0.1", int(port))
-            await self._http.start()
+            http = HttpServer(self.engine, host or "127.0.0.1", int(port))
+            try:
+                await http.start()
+            except OSError as exc:
+                raise OSError(f"cannot listen on {self.options.http_listen} (HTTP): "
+                              f"{exc.strerror or exc}") from None
+            self._http = http
 
     async def stop(self, drain: float = SHUTDOWN_DRAIN) -> None:
         """Shut down, in this order: refuse new calls (new sessions too) and

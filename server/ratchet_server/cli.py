@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import errno
 import json
 import logging
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -162,9 +164,46 @@ async def _serve(store: Store, options: ServerOptions, workers: Sequence[Worker]
     return 0
 
 
+def check_listen(address: str, flag: str) -> None:
+    """Refuse, in one line naming `flag`, an address this process cannot
+    listen on (most often a port in use), before anything is created: gRPC
+    would report it only after the store was opened and migrated, with a log
+    line of its own. A race with another process remains (Coordinator.start
+    reports that one too)."""
+    host_text, _, port_text = address.rpartition(":")
+    host = host_text.strip("[]") or None
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ServerCLIError(f"{flag} {address!r} is not HOST:PORT") from None
+    if not 0 <= port <= 65535:
+        raise ServerCLIError(f"{flag}: port {port} is out of range (1-65535)")
+    if port == 0:
+        return  # any free port
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ServerCLIError(f"cannot listen on {address}: {exc}; correct {flag}") from None
+    with socket.socket(family, kind, proto) as probe:
+        # As gRPC and the HTTP server bind: a port left in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ServerCLIError(
+                    f"port {port} is already in use ({address}): stop what listens there "
+                    f"or choose another port with {flag}") from None
+            raise ServerCLIError(f"cannot listen on {address}: {exc.strerror}; "
+                                 f"correct {flag}") from None
+
+
 async def _dev(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], list[Any]]) -> int:
     tasks = load_tasks(args.worker) if args.worker else []
     engine = _config(args)  # bad options are refused before the store is touched
+    check_listen(f"127.0.0.1:{args.port}", "--port")
+    check_listen(f"127.0.0.1:{args.http_port}", "--http-port")
     Path(args.db).parent.mkdir(parents=True, exist_ok=True)
     store = await open_store(f"sqlite:///{args.db}")
     listen = f"127.0.0.1:{args.port}"
@@ -179,6 +218,8 @@ async def _dev(args: argparse.Namespace, load_tasks: Callable[[Sequence[str]], l
 
 async def _server(args: argparse.Namespace) -> int:
     engine = _config(args)  # bad options are refused before the store is touched
+    check_listen(args.listen, "--listen")
+    check_listen(args.http_listen, "--http-listen")
     store = await open_store(args.database_url, notify=not args.no_notify)
     if args.no_notify:
         log.info("--no-notify: no LISTEN/NOTIFY; runs made ready on other coordinators are "
