@@ -27,6 +27,7 @@ from ratchet._errors import (
     LeaseLostError,
     NonRetryableError,
     NotFoundError,
+    NotSupportedError,
     RatchetError,
     RunFailedError,
     StepFailedError,
@@ -34,6 +35,7 @@ from ratchet._errors import (
     TokenTimeoutError,
     UnavailableError,
     WorkerError,
+    WriteRefusedError,
 )
 from ratchet._retry import NO_RETRY, Retry
 from ratchet._task import PayloadValidationError, Task, task
@@ -45,8 +47,10 @@ from ratchet._types import (
     RunEvent,
     RunStatus,
     StepInfo,
+    TaskInfo,
     Token,
     TokenResult,
+    WorkerInfo,
 )
 from ratchet._worker import Worker
 
@@ -64,6 +68,7 @@ __all__ = [
     "LeaseLostError",
     "NonRetryableError",
     "NotFoundError",
+    "NotSupportedError",
     "PayloadValidationError",
     "RatchetError",
     "Retry",
@@ -75,6 +80,7 @@ __all__ = [
     "StepFailedError",
     "StepInfo",
     "Task",
+    "TaskInfo",
     "Token",
     "TokenDataError",
     "TokenResult",
@@ -82,6 +88,8 @@ __all__ = [
     "UnavailableError",
     "Worker",
     "WorkerError",
+    "WorkerInfo",
+    "WriteRefusedError",
     "__version__",
     "current_context",
     "retry",

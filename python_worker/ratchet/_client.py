@@ -15,6 +15,7 @@ import grpc
 from ratchet._codec import (
     duration,
     event_from_pb,
+    from_json,
     run_from_pb,
     timestamp,
     to_json,
@@ -25,7 +26,7 @@ from ratchet._errors import ClientError, RunFailedError, from_rpc_error
 from ratchet._retry import Retry
 from ratchet._session import CHANNEL_OPTIONS
 from ratchet._task import Task
-from ratchet._types import BatchItem, Run, RunEvent, RunStatus, Token
+from ratchet._types import BatchItem, Run, RunEvent, RunStatus, TaskInfo, Token, WorkerInfo
 from ratchet._worker import DEFAULT_COORDINATOR
 from ratchet.v1 import common_pb2, run_pb2, run_pb2_grpc, system_pb2, system_pb2_grpc
 
@@ -84,8 +85,11 @@ class Client:
         """Start a run of `task` (a Task or its id). Returns it as created (QUEUED).
 
         With `idempotency_key`, a repeated trigger returns the first run
-        (`run.created` is False). Raises NotFoundError for a task no worker has
-        registered, InvalidArgumentError for a payload that does not fit.
+        (`run.created` is False) and starts nothing: that run keeps its own
+        payload and options, whatever this call passed. Raises NotFoundError
+        for a task no worker has registered, InvalidArgumentError for a payload that does not fit.
+        `queue` and `concurrency_key` are not supported yet: setting either
+        raises NotSupportedError (nothing is sent).
         """
         options = trigger_options(idempotency_key, idempotency_key_ttl, delay, ttl, priority,
                                   queue, concurrency_key, tags, metadata, retry, max_duration)
@@ -215,9 +219,15 @@ class Client:
         Returns False (and changes nothing) when the token was already
         completed or timed out. Raises NotFoundError for an unknown token.
         """
+        completed, _ = await self._complete_token(token_id, data)
+        return completed
+
+    async def _complete_token(self, token_id: str, data: Any = None) -> tuple[bool, str]:
+        """`complete_token`, with the coordinator's reason when nothing changed
+        (the token completed or timed out before, or its run is final)."""
         response = await self._call(self._runs.CompleteToken, run_pb2.CompleteTokenRequest(
             token_id=token_id, data=to_json(data)))
-        return bool(response.completed)
+        return bool(response.completed), response.message
 
     async def create_token(
         self, *, timeout: float | dt.timedelta | None = None, idempotency_key: str = "",
@@ -257,7 +267,9 @@ class Client:
         """One page of tokens created with `create_token`, newest first, and the
         token of the next page ("" at the end). Filters: the run waiting on
         it, status ("WAITING", "COMPLETED", "TIMED_OUT"), tags (all of them).
-        Listed tokens carry no URL (`get_token` has it)."""
+        With `run_id`, every token that run waits or waited on, those it
+        created itself (`ctx.create_token`, no tags) included; NotFoundError
+        for an unknown run. Listed tokens carry no URL (`get_token` has it)."""
         statuses = [status] if isinstance(status, str) else list(status or [])
         try:
             codes = [getattr(run_pb2, f"TOKEN_STATUS_{s.upper()}") for s in statuses]
@@ -268,6 +280,23 @@ class Client:
             run_id=run_id or "", statuses=codes, tags=list(tags), page_size=limit,
             page_token=page_token))
         return [token_from_pb(t) for t in response.tokens], response.next_page_token
+
+    async def tasks(self, task: Task[Any, Any] | str | None = None) -> builtins.list[TaskInfo]:
+        """The tasks registered in the key's environment (only `task`, if
+        given), in id order, with their schema and retry policy, and the
+        sessions of the coordinator answering that serve each now."""
+        response = await self._call(self._runs.ListTasks, run_pb2.ListTasksRequest(
+            task_id="" if task is None else _task_id(task)))
+        return [_task_info_from_pb(t) for t in response.tasks]
+
+    async def workers(self, task: Task[Any, Any] | str | None = None,
+                      ) -> builtins.list[WorkerInfo]:
+        """The worker sessions of the key's environment connected to the
+        coordinator answering (only those serving `task`, if given), oldest
+        first. Sessions are not stored: with several coordinators, ask each."""
+        response = await self._call(self._runs.ListWorkers, run_pb2.ListWorkersRequest(
+            task_id="" if task is None else _task_id(task)))
+        return [_worker_from_pb(w) for w in response.workers]
 
     async def wait(self, run_id: str, *, timeout: float | None = None) -> Run:
         """Wait until the run is final and return it (polling with backoff).
@@ -310,3 +339,38 @@ def _status_pb(status: RunStatus | str) -> int:
     except ValueError:
         raise ClientError("INVALID_ARGUMENT", f"unknown run status {status!r}") from None
     return int(common_pb2.RunStatus.Value(f"RUN_STATUS_{name}"))
+
+
+def _when(value: Any, present: bool) -> dt.datetime | None:
+    if not present:
+        return None
+    return dt.datetime.fromtimestamp(value.ToNanoseconds() / 1e9, tz=dt.UTC)
+
+
+def _schema(raw: bytes) -> Any:
+    return from_json(raw) if raw else None
+
+
+def _task_info_from_pb(pb: run_pb2.TaskInfo) -> TaskInfo:
+    r = pb.retry
+    retry = Retry(
+        max_attempts=None if r.unlimited_attempts else (r.max_attempts or 3),
+        factor=r.factor or 2.0, min_delay=r.min_delay.ToNanoseconds() / 1e9,
+        max_delay=r.max_delay.ToNanoseconds() / 1e9, jitter=r.jitter,
+        max_lease_losses=r.max_lease_losses or 10, rerun_failed_steps=r.rerun_failed_steps)
+    return TaskInfo(
+        id=pb.id, version=pb.version, queue=pb.queue, retry=retry,
+        payload_schema=_schema(pb.payload_schema), output_schema=_schema(pb.output_schema),
+        max_duration=(pb.max_duration.ToNanoseconds() / 1e9
+                      if pb.HasField("max_duration") else None),
+        registered_at=_when(pb.registered_at, pb.HasField("registered_at")),
+        served_by=tuple(pb.served_by))
+
+
+def _worker_from_pb(pb: run_pb2.WorkerSession) -> WorkerInfo:
+    return WorkerInfo(
+        session_id=pb.session_id, worker_id=pb.worker_id, task_ids=tuple(pb.task_ids),
+        slots=pb.slots, slots_used=pb.slots_used,
+        connected_at=_when(pb.connected_at, pb.HasField("connected_at")),
+        last_seen_at=_when(pb.last_seen_at, pb.HasField("last_seen_at")),
+        coordinator=pb.coordinator)

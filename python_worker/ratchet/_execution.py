@@ -35,8 +35,8 @@ from ratchet._codec import (
     timestamp,
 )
 from ratchet._context import Context
-from ratchet._errors import LeaseLostError, RatchetError
-from ratchet._session import RELEASE_TIMEOUT, Session, WriteRefusedError
+from ratchet._errors import LeaseLostError, RatchetError, WriteRefusedError
+from ratchet._session import RELEASE_TIMEOUT, Session
 from ratchet._task import Task
 from ratchet._types import RunError
 from ratchet.v1 import worker_pb2

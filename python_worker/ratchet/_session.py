@@ -27,7 +27,7 @@ import grpc
 
 from ratchet import __version__
 from ratchet._codec import duration, retry_to_pb
-from ratchet._errors import LeaseLostError, NonRetryableError, RatchetError, WorkerError
+from ratchet._errors import LeaseLostError, RatchetError, WorkerError, WriteRefusedError
 from ratchet.v1 import worker_pb2, worker_pb2_grpc
 
 if typing.TYPE_CHECKING:
@@ -57,14 +57,12 @@ RELEASE_TIMEOUT = 5.0
 # Below gRPC's 16 MiB receive limit: a larger message would break the stream
 # for every run of the session, not just fail this one.
 MAX_MESSAGE_BYTES = 15 * 1024 * 1024
+TOO_LARGE_HINT = ("; keep large data outside the run (a file or object store) and return or "
+                  "pass a reference to it")
 
 
 class TransientWriteError(RatchetError):
     """The coordinator could not record a write now (e.g. its database is down)."""
-
-
-class WriteRefusedError(NonRetryableError):
-    """The coordinator refused a checkpoint or completion as invalid (e.g. too large)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -285,7 +283,7 @@ class Session:
         if message.ByteSize() > MAX_MESSAGE_BYTES:
             raise WriteRefusedError(
                 f"a {message.WhichOneof('kind')} of {message.ByteSize()} bytes is over the "
-                f"{MAX_MESSAGE_BYTES}-byte message limit")
+                f"{MAX_MESSAGE_BYTES}-byte message limit{TOO_LARGE_HINT}")
         message.request_id = next(self._ids)
         future: asyncio.Future[worker_pb2.Ack] = asyncio.get_running_loop().create_future()
         self._pending[message.request_id] = _Pending(message, future, lease_id)
@@ -298,7 +296,9 @@ class Session:
             raise LeaseLostError(ack.message)
         if ack.code in REFUSED_CODES:
             # Sending it again cannot help (too large, not JSON, ...).
-            raise WriteRefusedError(f"the coordinator refused a write: {ack.message}")
+            hint = TOO_LARGE_HINT if ack.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] \
+                else ""
+            raise WriteRefusedError(f"the coordinator refused a write: {ack.message}{hint}")
         if ack.code != 0:
             raise TransientWriteError(f"the coordinator could not record a write: "
                                       f"{ack.message} (code {ack.code})")

@@ -32,10 +32,11 @@ from ratchet._codec import (
     error_from_exception,
     error_from_pb,
     error_to_pb,
+    step_output,
     timestamp,
     to_json,
 )
-from ratchet._errors import StepFailedError
+from ratchet._errors import StepFailedError, WriteRefusedError
 from ratchet._retry import Retry
 from ratchet._saga import RESERVED, Finishing
 from ratchet._types import RunError
@@ -51,6 +52,11 @@ Call = Callable[[tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
 # doubling to 60 s. Run attempts do not retry a FAILED step (unless the run's
 # policy says rerun_failed_steps), so a step retries on its own.
 STEP_RETRY = Retry()
+
+# Fault injection, set only by `ratchet.testing` (Environment.fail_step):
+# called with (run id, step key, attempt) before each attempt of a step's
+# function; what it raises is that attempt's failure. None in production.
+fault_hook: Callable[[str, str, int], None] | None = None
 
 
 class Journal(Protocol):
@@ -228,8 +234,10 @@ class Steps:
             started = time.time()
             token = current_step.set(key)
             try:
+                if fault_hook is not None:
+                    fault_hook(self.run_id, key, attempt)
                 value = await call(args, kwargs)
-                output = to_json(value)
+                output = step_output(key, value)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -356,7 +364,12 @@ class Steps:
             state = self.state_update()
             if state is not None:
                 checkpoint.state = state
-            await self.journal.checkpoint(checkpoint)
+            try:
+                await self.journal.checkpoint(checkpoint)
+            except WriteRefusedError as exc:
+                if exc.step_key:
+                    raise
+                raise WriteRefusedError(f"step {key!r}: {exc}", step_key=key) from None
 
     async def trigger_children(self, request: worker_pb2.TriggerChildren) -> list[str]:
         """Create child runs (a write like a checkpoint: one at a time)."""

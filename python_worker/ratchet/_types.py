@@ -9,6 +9,8 @@ import enum
 import importlib
 from typing import Any, Generic, TypeVar
 
+from ratchet._retry import Retry
+
 T = TypeVar("T")
 
 
@@ -147,6 +149,8 @@ class Run:
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     steps: tuple[StepInfo, ...] = ()
+    # False when a trigger's idempotency key matched this existing run (the
+    # trigger started nothing); True otherwise, and on runs read back.
     created: bool = True
     parent_run_id: str = ""
     replay_of: str = ""
@@ -192,6 +196,7 @@ class Run:
                     "finished_at": iso(s.finished_at),
                     "duration_s": s.duration,
                     "token_id": s.token_id or None,
+                    "wake_at": iso(s.wake_at),
                 }
                 for s in self.steps
             ],
@@ -290,3 +295,73 @@ class TokenResult(Generic[T]):
     data: T | None
     timed_out: bool
     token_id: str
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """A task registered in the environment (`Client.tasks()`): the definition
+    its last worker announced, and who serves it now.
+
+    `served_by` holds the session ids (`WorkerInfo.session_id`) connected to
+    the coordinator that answered which serve the task; empty means no worker
+    connected there serves it, so its runs wait QUEUED. A task stays
+    registered after its workers leave.
+    """
+
+    id: str
+    version: str
+    queue: str
+    retry: Retry
+    # JSON Schemas as documents (None = none given).
+    payload_schema: Any
+    output_schema: Any
+    # Seconds; None = no limit.
+    max_duration: float | None
+    registered_at: dt.datetime | None
+    served_by: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.retry
+        return {"id": self.id, "version": self.version, "queue": self.queue,
+                "retry": {"max_attempts": r.max_attempts, "factor": r.factor,
+                          "min_delay": r.min_delay, "max_delay": r.max_delay,
+                          "jitter": r.jitter, "max_lease_losses": r.max_lease_losses,
+                          "rerun_failed_steps": r.rerun_failed_steps},
+                "payload_schema": self.payload_schema, "output_schema": self.output_schema,
+                "max_duration": self.max_duration,
+                "registered_at": _iso(self.registered_at), "served_by": list(self.served_by)}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker's session with the coordinator that answered `Client.workers()`.
+
+    Sessions live on the coordinator a worker streams to: with several
+    coordinators, each lists its own (`coordinator` names it, "host:pid").
+    `last_seen_at` is when the coordinator last heard from the worker (a
+    heartbeat or any other message).
+    """
+
+    session_id: str
+    worker_id: str
+    task_ids: tuple[str, ...]
+    slots: int
+    slots_used: int
+    connected_at: dt.datetime | None
+    last_seen_at: dt.datetime | None
+    coordinator: str
+
+    @property
+    def slots_free(self) -> int:
+        return max(0, self.slots - self.slots_used)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "worker_id": self.worker_id,
+                "task_ids": list(self.task_ids), "slots": self.slots,
+                "slots_used": self.slots_used, "slots_free": self.slots_free,
+                "connected_at": _iso(self.connected_at),
+                "last_seen_at": _iso(self.last_seen_at), "coordinator": self.coordinator}

@@ -69,6 +69,10 @@ async def test_a_run_waiting_on_a_token_then_canceled(cluster: Cluster, tmp_path
     # Completing the canceled run's token changes nothing, and says why.
     completed, why = await client._complete_token(token, {"ok": True})
     assert not completed and "CANCELED" in why and "nothing changed" in why, why
+    cli = await run_cli_async("tokens", "complete", token, "--data", '{"ok": true}',
+                              env=cluster.cli_env())
+    assert cli.returncode == 0 and "CANCELED" in cli.stdout, cli.stdout
+    assert "already completed or timed out" not in cli.stdout
 
 
 async def test_a_run_waiting_on_sleeping_children_then_canceled(cluster: Cluster) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,6 +178,25 @@ def test_sigint_at_any_moment_of_dev_startup_exits_cleanly(tmp_path: Path) -> No
         output = "".join(seen) + rest
         assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
         assert proc.returncode in (0, 130), (proc.returncode, output)
+
+
+@pytest.mark.parametrize("after", [0.05, 0.3, 0.8])
+def test_sigint_while_the_ratchet_command_imports_exits_quietly(
+        tmp_path: Path, after: float) -> None:
+    """The `ratchet` console script spends a second or more importing
+    before any of its code runs; a Ctrl-C then exits 130 with no traceback
+    (the entry point, _ratchet_cli, is outside the package for that)."""
+    script = Path(sys.executable).with_name("ratchet")
+    proc = subprocess.Popen(
+        [str(script), "dev", "--port", str(free_port()), "--http-port", str(free_port()),
+         "--db", str(tmp_path / "dev.db")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=30)
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert proc.returncode in (0, 130), (proc.returncode, output)
 
 
 # -- item 18: an idle Client ---------------------------------------------------------

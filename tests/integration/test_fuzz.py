@@ -132,7 +132,8 @@ def requests(draw: st.DrawFn, pool: dict[str, list[str]]) -> tuple[str, Any]:
     run_ids = names(pool["runs"])
     rpc = draw(st.sampled_from(["Trigger", "BatchTrigger", "GetRun", "ListRuns", "CancelRun",
                                 "GetRunHistory", "ReplayRun", "RetryRun", "DiscardRun",
-                                "CompleteToken", "CreateToken", "GetToken", "ListTokens"]))
+                                "CompleteToken", "CreateToken", "GetToken", "ListTokens",
+                                "ListTasks", "ListWorkers"]))
     if rpc == "Trigger":
         return rpc, run_pb2.TriggerRequest(task_id=draw(names(TASKS)),
                                            payload=draw(json_bytes),
@@ -194,6 +195,10 @@ def requests(draw: st.DrawFn, pool: dict[str, list[str]]) -> tuple[str, Any]:
             page_token=draw(st.one_of(
                 st.just(""), odd_text,
                 st.sampled_from(["nan|x", "inf|x", "1e400|x", "9" * 400 + "|x"]))))
+    if rpc == "ListTasks":
+        return rpc, run_pb2.ListTasksRequest(task_id=draw(st.one_of(names(TASKS), odd_text)))
+    if rpc == "ListWorkers":
+        return rpc, run_pb2.ListWorkersRequest(task_id=draw(st.one_of(names(TASKS), odd_text)))
     return rpc, run_pb2.CompleteTokenRequest(token_id=draw(names(pool["tokens"])),
                                              data=draw(json_bytes))
 

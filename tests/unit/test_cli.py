@@ -42,7 +42,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], *needles: str)
 def test_bad_payload_json() -> None:
     done = ratchet("trigger", "some-task", "--payload", "{nope", "--coordinator", CLOSED)
     assert_one_line_error(done, "--payload is not valid JSON")
-    assert done.returncode == 1 and done.stdout == ""
+    assert done.returncode == 2 and done.stdout == ""  # a usage error: nothing was sent
 
 
 @pytest.mark.parametrize("args", [("trigger", "some-task"), ("runs", "list"),

@@ -188,9 +188,9 @@ async def test_trigger_options(engine: Engine) -> None:
     await engine.register_tasks([task_def()])
     before = time.time()
     run = await trigger_one(engine, delay=60.0, priority=9, tags=("a",), metadata={"k": "v"},
-                            retry=Retry(max_attempts=9), queue="q2")
+                            retry=Retry(max_attempts=9), queue="t")
     assert run.status is model.RunStatus.QUEUED and run.attempt == 0
-    assert run.run_at >= before + 60 and run.priority == 9 and run.queue == "q2"
+    assert run.run_at >= before + 60 and run.priority == 9 and run.queue == "t"
     assert run.tags == ("a",) and run.metadata == {"k": "v"} and run.retry.max_attempts == 9
     with pytest.raises(errors.InvalidArgument, match="priority"):
         await engine.trigger(ENV, [spec(priority=1001)])

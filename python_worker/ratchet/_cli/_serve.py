@@ -15,16 +15,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ratchet._cli._common import CLIError, client_args, duration
+from ratchet._cli._common import DURATION_FORMAT, CLIError, client_args, duration
 from ratchet._task import Task
 from ratchet._worker import Worker
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("worker", help="serve the tasks defined in modules")
-    p.add_argument("modules", nargs="+", metavar="MODULE[:ATTR]")
-    p.add_argument("--slots", type=int, default=8)
-    p.add_argument("--drain-timeout", type=duration, default=duration("30s"))
+    p = sub.add_parser("worker", help="serve the tasks defined in modules",
+                       description="Import the modules named, connect to a coordinator and "
+                                   "run the runs of their tasks until stopped (Ctrl-C or "
+                                   "SIGTERM drains: running attempts finish or are released).")
+    p.add_argument("modules", nargs="+", metavar="MODULE[:ATTR]",
+                   help="a module (my_app.tasks), one attribute of it (my_app.tasks:charge, "
+                        "a task or a list of tasks) or a file (tasks.py); every @ratchet.task "
+                        "found is served")
+    p.add_argument("--slots", type=int, default=8,
+                   help="how many runs this worker runs at once (default 8)")
+    p.add_argument("--drain-timeout", type=duration, default=duration("30s"),
+                   help=f"on shutdown, how long running attempts may take to finish before "
+                        f"they are released to other workers (default 30s; {DURATION_FORMAT})")
     client_args(p)
 
 

@@ -73,10 +73,11 @@ async def run(args: argparse.Namespace) -> int:
     data = payload(args.data, "--data") if args.tokens_command == "complete" else None
     async with Client(args.coordinator, api_key=args.api_key) as client:
         if args.tokens_command == "complete":
-            if await client.complete_token(args.token, data):
+            completed, why = await client._complete_token(args.token, data)
+            if completed:
                 print(f"{args.token} completed")
-            else:
-                print(f"{args.token} was already completed or timed out; nothing changed")
+            else:  # the coordinator says why: completed or timed out before, or run final
+                print(f"{args.token}: {why or 'already completed or timed out; nothing changed'}")
         elif args.tokens_command == "create":
             token = await client.create_token(timeout=args.timeout, tags=args.tag,
                                               idempotency_key=args.idempotency_key)

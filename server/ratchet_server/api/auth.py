@@ -42,6 +42,8 @@ METHOD_ROLES: dict[str, frozenset[model.Role]] = {
     "/ratchet.v1.RunService/CreateToken": _CLIENT,
     "/ratchet.v1.RunService/GetToken": _CLIENT,
     "/ratchet.v1.RunService/ListTokens": _CLIENT,
+    "/ratchet.v1.RunService/ListTasks": _CLIENT,
+    "/ratchet.v1.RunService/ListWorkers": _CLIENT,
     "/ratchet.v1.RunService/GetRunHistory": _CLIENT,
     "/ratchet.v1.RunService/ReplayRun": _CLIENT,
     "/ratchet.v1.RunService/RetryRun": _CLIENT,

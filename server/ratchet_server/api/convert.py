@@ -14,6 +14,7 @@ from ratchet.v1 import common_pb2, run_pb2, worker_pb2
 from ratchet_server import clock, model
 from ratchet_server.engine import errors
 from ratchet_server.engine.engine import DEFAULT_TASK_RETRY, TriggerSpec
+from ratchet_server.engine.inventory import TaskInfo, WorkerInfo
 
 RUN_STATUS_TO_PB = {s: getattr(common_pb2, f"RUN_STATUS_{s.value}") for s in model.RunStatus}
 RUN_STATUS_FROM_PB = {v: k for k, v in RUN_STATUS_TO_PB.items()}
@@ -256,3 +257,20 @@ def token_to_pb(token: model.Token, status: model.TokenStatus, url: str = "") ->
         idempotency_key=token.idempotency_key or "", created_at=ts(token.created_at),
         expires_at=ts(token.expires_at), completed_at=ts(token.completed_at),
         data=_utf8(token.data), run_id=token.run_id or "", step_key=token.step_key or "")
+
+
+def task_info_to_pb(info: TaskInfo) -> run_pb2.TaskInfo:
+    task = info.task
+    return run_pb2.TaskInfo(
+        id=task.id, version=task.version, queue=task.queue, retry=retry_to_pb(task.retry),
+        payload_schema=_utf8(task.payload_schema), output_schema=_utf8(task.output_schema),
+        max_duration=None if task.max_duration is None else dur(task.max_duration),
+        handles_final_error=task.handles_final_error, registered_at=ts(info.registered_at),
+        served_by=list(info.served_by))
+
+
+def worker_to_pb(info: WorkerInfo) -> run_pb2.WorkerSession:
+    return run_pb2.WorkerSession(
+        session_id=info.session_id, worker_id=info.worker_id, task_ids=list(info.task_ids),
+        slots=info.slots, slots_used=info.slots_used, connected_at=ts(info.connected_at),
+        last_seen_at=ts(info.last_seen_at), coordinator=info.coordinator)

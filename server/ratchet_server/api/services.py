@@ -177,6 +177,16 @@ class RunService(run_pb2_grpc.RunServiceServicer):  # type: ignore[misc]
         return run_pb2.ListTokensResponse(tokens=[self._token(t) for t in tokens],
                                           next_page_token=page)
 
+    @_unary
+    async def ListTasks(self, request: Any, context: Any) -> run_pb2.ListTasksResponse:
+        tasks = await self._engine.list_tasks(auth.principal().env, request.task_id)
+        return run_pb2.ListTasksResponse(tasks=[convert.task_info_to_pb(t) for t in tasks])
+
+    @_unary
+    async def ListWorkers(self, request: Any, context: Any) -> run_pb2.ListWorkersResponse:
+        workers = self._engine.list_workers(auth.principal().env, request.task_id)
+        return run_pb2.ListWorkersResponse(workers=[convert.worker_to_pb(w) for w in workers])
+
     def _token(self, token: model.Token, *, with_url: bool = False) -> run_pb2.Token:
         url = web.token_url(self._public_url, token.id, token.secret) if with_url else ""
         return convert.token_to_pb(token, policy.token_status(token, clock.now()), url)

@@ -124,9 +124,13 @@ class Session:
         self.outbox: asyncio.Queue[Push] = asyncio.Queue()
         self.closed = False
         self.last_seen = time.monotonic()
+        # Wall times (the coordinator's clock), for people: ListWorkers.
+        self.connected_at = clock.now()
+        self.last_seen_at = self.connected_at
 
     def seen(self) -> None:
         self.last_seen = time.monotonic()
+        self.last_seen_at = clock.now()
 
     @property
     def free(self) -> int:

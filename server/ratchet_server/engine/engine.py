@@ -33,6 +33,7 @@ from ratchet_server.engine.core import (
     Session,
     TriggerSpec,
 )
+from ratchet_server.engine.inventory import InventoryMixin
 from ratchet_server.engine.leases import LeasesMixin
 from ratchet_server.engine.runs import RunsMixin
 from ratchet_server.engine.sessions import SessionsMixin
@@ -45,7 +46,8 @@ __all__ = [
 ]
 
 
-class Engine(TokensMixin, RunsMixin, SessionsMixin, LeasesMixin, timers.TimersMixin):
+class Engine(TokensMixin, RunsMixin, SessionsMixin, LeasesMixin, InventoryMixin,
+             timers.TimersMixin):
     """The coordinator's rules: one object, one part per concern (core.py)."""
 
     def __init__(self, store: Store, config: EngineConfig | None = None) -> None:

@@ -68,7 +68,7 @@ class RunsMixin(core.EngineBase):
         return found[:limit]
 
     async def cancel(self, env: str, run_id: str, reason: str = "") -> model.Run:
-        run = await self.store.cancel_run(env, run_id)
+        run = await self.store.cancel_run(env, run_id, reason)
         if run is None:
             await self._refuse(env, run_id, "is already {status}")
         if run.lease_id and run.lease_owner:

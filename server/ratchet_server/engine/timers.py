@@ -191,20 +191,30 @@ class TimersMixin(core.EngineBase):
         while True:
             await asyncio.sleep(interval)
             try:
-                refs = await self.store.expired_leases(limit=200)
-                if refs:
-                    await self._lose_leases(refs, "the lease expired without a heartbeat",
-                                            expired_before=clock.now())
-                if await fire_due_timers(self.store, limit=500):
-                    self._wake.set()
-                await self.store.expire_runs(limit=500)
-                for ref in await self.store.time_out_runs(500, policy.MAX_DURATION_EXCEEDED):
-                    self._tell_worker(ref.run_id, ref.lease_id,
-                                      "the run exceeded its max duration")
+                await self._timers_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("timers failed; retrying")
+
+    async def _timers_once(self) -> None:
+        refs = await self.store.expired_leases(limit=200)
+        if refs:
+            await self._lose_leases(refs, "the lease expired without a heartbeat",
+                                    expired_before=clock.now())
+        if await fire_due_timers(self.store, limit=500):
+            self._wake.set()
+        await self.store.expire_runs(limit=500)
+        for ref in await self.store.time_out_runs(500, policy.MAX_DURATION_EXCEEDED):
+            self._tell_worker(ref.run_id, ref.lease_id, "the run exceeded its max duration")
+
+    async def fire_timers(self) -> None:
+        """Act now on what is due, as the timer loop's next tick would, and
+        wake the dispatcher (runs whose run_at passed are leased at once).
+        For `ratchet.testing`: after `clock.advance()`, what became due
+        happens without waiting for the loops' real-time intervals."""
+        await self._timers_once()
+        self._wake.set()
 
     # Retention's walk over finished runs (oldest first): where the last pass
     # stopped, and passes since the walk last began at the oldest run.

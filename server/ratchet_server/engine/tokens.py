@@ -56,10 +56,38 @@ class TokensMixin(RunsMixin):
         limit = min(max(page_size or 50, 1), 1000)
         cursor = validate.list_page_token(page_token)
         tokens = await self.store.list_tokens(flt, limit + 1, cursor)
+        if flt.run_id:
+            tokens = await self._with_run_tokens(flt, flt.run_id, tokens, limit + 1, cursor)
         if len(tokens) <= limit:
             return tokens, ""
         last = tokens[limit - 1]
         return tokens[:limit], f"{last.created_at!r}|{last.id}"
+
+    async def _with_run_tokens(self, flt: model.TokenFilter, run_id: str,
+                               created: list[model.Token], limit: int,
+                               cursor: tuple[float, str] | None) -> list[model.Token]:
+        """A run's tokens: those created outside it that it waits on (the
+        store's page) and those it created itself (its token steps), in one
+        order, newest first. A run's steps are few, so they are read whole."""
+        run = await self.store.get_run(flt.env, run_id)
+        if run is None:
+            raise errors.NotFound(f"run {run_id!r} not found")
+        known = {t.id for t in created}
+        for step in await self.store.get_steps(run_id):
+            if step.kind is not model.StepKind.TOKEN or not step.token_id:
+                continue
+            if step.token_id in known or flt.tags:  # a run's own tokens carry no tags
+                continue
+            token = token_of_step(step, run)
+            if flt.statuses and token.status not in flt.statuses:
+                continue
+            if cursor is not None and (token.created_at, token.id) >= cursor:
+                continue
+            if await self.store.get_token(flt.env, token.id) is not None:
+                continue  # created outside the run, listed on its own terms
+            created.append(token)
+        created.sort(key=lambda t: (t.created_at, t.id), reverse=True)
+        return created[:limit]
 
     async def wait_on_token(
         self, session: Session, *, run_id: str, lease_id: str, key: str, attempt: int,
@@ -123,6 +151,23 @@ class TokensMixin(RunsMixin):
         if done is not None and done.woken:
             self._wake.set()
         return done
+
+
+def token_of_step(step: model.Step, run: model.Run) -> model.Token:
+    """A token a run created itself (ctx.create_token), as a listing shows
+    it, from its token step: WAITING while the step runs (until its timeout,
+    the step's wake_at), COMPLETED with the data the step completed with,
+    TIMED_OUT when the step timed out. It has no secret, URL or tags."""
+    status = {model.StepStatus.RUNNING: model.TokenStatus.WAITING,
+              model.StepStatus.COMPLETED: model.TokenStatus.COMPLETED}.get(
+                  step.status, model.TokenStatus.TIMED_OUT)
+    done = status is model.TokenStatus.COMPLETED
+    return model.Token(
+        id=step.token_id or "", env=run.env, secret="", status=status,
+        data=step.output if done else None, tags=(), idempotency_key=None,
+        created_at=step.started_at if step.started_at is not None else run.created_at,
+        expires_at=step.wake_at, completed_at=step.finished_at if done else None,
+        run_id=run.id, step_key=step.key)
 
 
 def status_of(done: model.TokenCompletion, now: float) -> model.TokenStatus:

@@ -100,6 +100,7 @@ def trigger_spec(spec: TriggerSpec) -> None:
                         (spec.concurrency_key, "concurrency_key")):
         if value is not None:
             text(value, what)
+    unsupported(spec)
     duration(spec.idempotency_ttl, "idempotency_key_ttl")
     duration(spec.delay, "delay")
     duration(spec.ttl, "ttl")
@@ -110,6 +111,18 @@ def trigger_spec(spec: TriggerSpec) -> None:
     tags(spec.tags)
     metadata(spec.metadata)
     retry(spec.retry)
+
+
+def unsupported(spec: TriggerSpec) -> None:
+    """Options the protocol carries but the engine does not act on yet are
+    refused, not stored and ignored: a client that sets them expects them to
+    work. The queue may name the task itself (every task is its own queue)."""
+    if spec.queue and spec.queue != spec.task_id:
+        raise errors.InvalidArgument(
+            "queue is not supported yet: runs are dispatched by task id; leave it empty")
+    if spec.concurrency_key:
+        raise errors.InvalidArgument(
+            "concurrency_key is not supported yet: runs are not limited per key; leave it empty")
 
 
 def tags(values: Sequence[str]) -> None:

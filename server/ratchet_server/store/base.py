@@ -191,6 +191,17 @@ class SqlStore(abc.ABC):
 
         return await self._run(txn)
 
+    async def list_tasks(self, env: str,
+                         task_id: str = "") -> list[tuple[model.TaskDef, float]]:
+        """The environment's registered tasks in id order ("" = all), each with
+        when it was last registered."""
+        def txn(conn: Any) -> list[tuple[model.TaskDef, float]]:
+            rows = conn.execute(self.dialect.sql("select_tasks"),
+                                {"env": env, "id": task_id}).fetchall()
+            return [(_rows.task_from_row(row), float(row["updated_at"])) for row in rows]
+
+        return await self._run(txn)
+
     # --- runs -------------------------------------------------------------------
 
     async def create_runs(self, runs: Sequence[model.NewRun]) -> list[tuple[model.Run, bool]]:
@@ -301,7 +312,7 @@ class SqlStore(abc.ABC):
         return await self._run(
             lambda c: _runs.list_runs_txn(c, self.dialect, flt, limit, cursor))
 
-    async def cancel_run(self, env: str, run_id: str) -> model.Run | None:
+    async def cancel_run(self, env: str, run_id: str, reason: str = "") -> model.Run | None:
         reached: list[tuple[str, str]] = []
 
         def txn(conn: Any) -> model.Run | None:
@@ -313,7 +324,7 @@ class SqlStore(abc.ABC):
             run = _rows.run_from_row(row)
             _rows.insert_events_txn(conn, self.dialect, [model.Event(
                 run_id=run.id, type=model.EventType.CANCELED, at=now, attempt=run.attempt,
-                lease_id=run.lease_id)])
+                lease_id=run.lease_id, data=json.dumps({"reason": reason}) if reason else None)])
             if run.parent_run_id is not None:
                 reached[:] = self._children_final_txn(conn, [run.id])
             return run

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -50,6 +51,12 @@ MIGRATION_LOCK = 7_420_001
 TRANSACTION_ATTEMPTS = 8
 RETRY_PAUSE = 0.002
 RETRY_PAUSE_MAX = 0.1
+# Opening the store: each connection attempt waits at most CONNECT_TIMEOUT
+# seconds (unless the URL sets connect_timeout), and an unreachable server is
+# tried again for CONNECT_PATIENCE seconds in all; a refusal no retry can
+# mend (no such database or role, a wrong password) fails at once.
+CONNECT_TIMEOUT = 3
+CONNECT_PATIENCE = 3.0
 # Worth running again: nothing was committed. Not 40003 (statement completion
 # unknown): the commit may have happened.
 RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure,
@@ -80,6 +87,11 @@ class PostgresStore(SqlStore):
 
     async def connect(self) -> None:
         def check() -> None:
+            # One plain connection first: a refusal that no retry can mend (no
+            # such database or role, a wrong password, a malformed URL) fails
+            # at once in one line, before the pool would retry it with a
+            # warning each time.
+            _probe(self._url)
             self._pool.open(wait=False)
             try:
                 self._pool.wait(timeout=10.0)
@@ -172,6 +184,71 @@ class PostgresStore(SqlStore):
             await asyncio.to_thread(self._listener.join, 2.0)
         await super().close()
         await asyncio.to_thread(self._pool.close)
+
+
+def _probe(url: str) -> None:
+    """Connect once and close, or raise StoreUnavailable in one line naming
+    the cause and the fix. Only an unreachable server (refused, timed out,
+    starting up, full) is tried again, until CONNECT_PATIENCE has passed."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise StoreUnavailable(f"invalid PostgreSQL URL: {first_line(exc)} (the form is "
+                               "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE)") from None
+    timeout: dict[str, Any] = ({} if "connect_timeout" in params
+                               else {"connect_timeout": CONNECT_TIMEOUT})
+    where = f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+    deadline = time.monotonic() + CONNECT_PATIENCE
+    pause = 0.1
+    while True:
+        try:
+            psycopg.connect(url, **timeout).close()
+            return
+        except psycopg.Error as exc:
+            message = " ".join(first_line(exc).split())
+            refusal = _refusal(message, params)
+            if refusal is not None:
+                raise StoreUnavailable(f"cannot connect to PostgreSQL at {where}: {refusal}") \
+                    from None
+            if time.monotonic() + pause > deadline:
+                raise StoreUnavailable(
+                    f"cannot reach PostgreSQL at {where} (tried for {CONNECT_PATIENCE:g}s): "
+                    f"{_cause(message)}; check that the server runs and that the host and "
+                    "port in the database URL are right") from None
+        time.sleep(pause)
+        pause = min(pause * 2, 1.0)
+
+
+def _cause(message: str) -> str:
+    """libpq's message without its 'connection failed: connection to server
+    at ... failed:' preamble (the caller names the server)."""
+    return message.rpartition(" failed: ")[2].removeprefix("FATAL: ").strip() or message
+
+
+# Refusals worth waiting out: the server is starting, stopping or full.
+_TEMPORARY = ("starting up", "shutting down", "not yet accepting connections",
+              "too many clients", "remaining connection slots", "in recovery mode")
+
+
+def _refusal(message: str, params: dict[str, Any]) -> str | None:
+    """The cause and fix of a connection error no retry can mend, or None."""
+    if "FATAL:" in message and not any(t in message for t in _TEMPORARY):
+        cause = _cause(message)
+        if "database" in cause and "does not exist" in cause:
+            name = params.get("dbname") or "DATABASE"
+            return (f"{cause}: create it (createdb {name}) or correct the database name in "
+                    "the database URL")
+        if "role" in cause and "does not exist" in cause:
+            return f"{cause}: create the role or correct the user in the database URL"
+        if "password" in cause:
+            return f"{cause}: correct the user or password in the database URL"
+        return f"{cause}: correct the database URL or the server's access rules (pg_hba.conf)"
+    if message.startswith(("connection is bad:", "invalid ")):
+        return (f"invalid database URL ({_cause(message).removeprefix('connection is bad: ')}); "
+                "the form is postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE")
+    if "failed to resolve host" in message:
+        return f"{_cause(message)}: correct the host in the database URL"
+    return None
 
 
 def _translate(exc: psycopg.Error) -> Exception:

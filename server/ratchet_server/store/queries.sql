@@ -49,6 +49,10 @@ ON CONFLICT (env, id) DO UPDATE SET
 -- name: select_task
 SELECT * FROM tasks WHERE env = :env AND id = :id
 
+-- name: select_tasks
+-- The environment's registered tasks (ListTasks), in id order; :id '' = all.
+SELECT * FROM tasks WHERE env = :env AND (:id = '' OR id = :id) ORDER BY id
+
 -- name: select_run_by_idempotency_key
 SELECT * FROM runs WHERE env = :env AND task_id = :task_id AND idempotency_key = :key
 
@@ -359,7 +363,8 @@ RETURNING id, attempt
 -- A run on a finishing lease (final_error set) has failed already: it is left
 -- to run its compensations and on-failure hook.
 UPDATE runs SET status = 'TIMED_OUT', finished_at = :now, updated_at = :now,
-                lease_expires_at = NULL, error = :error
+                lease_expires_at = NULL, error = :error,
+                attempt = CASE WHEN status = 'WAITING' THEN attempt + 1 ELSE attempt END
 WHERE id IN (
     SELECT id FROM runs
     WHERE status IN ('RUNNING', 'WAITING') AND deadline_at <= :now AND final_error IS NULL
@@ -378,14 +383,18 @@ WHERE parent_run_id = :run_id AND parent_step_key = :key
 ORDER BY child_index
 
 -- name: cancel_children
+-- attempt: a WAITING run's suspension gave its attempt back; a final run reads
+-- its last attempt (cancel_run, time_out_runs alike).
 UPDATE runs SET status = 'CANCELED', finished_at = :now, lease_expires_at = NULL,
-                updated_at = :now
+                updated_at = :now,
+                attempt = CASE WHEN status = 'WAITING' THEN attempt + 1 ELSE attempt END
 WHERE parent_run_id = :parent AND status IN ('QUEUED', 'RUNNING', 'WAITING')
 RETURNING *
 
 -- name: cancel_run
 UPDATE runs SET status = 'CANCELED', finished_at = :now, lease_expires_at = NULL,
-                updated_at = :now
+                updated_at = :now,
+                attempt = CASE WHEN status = 'WAITING' THEN attempt + 1 ELSE attempt END
 WHERE env = :env AND id = :id AND status IN ('QUEUED', 'RUNNING', 'WAITING')
 RETURNING *
 
