@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from ratchet_server import model
-from ratchet_server.store import _writes, open_store
+from ratchet_server.store import StoreUnavailable, _writes, open_store
 from ratchet_server.store import sqlite as sqlite_store
 from tests.store.test_conformance import create, lease_one, new_run, step_write
 
@@ -73,7 +73,7 @@ async def test_a_step_write_runs_on_the_event_loop_when_the_store_thread_is_idle
     assert await file_store.apply([step_write(run, "a")]) == [True]
     assert threads == [threading.get_ident()]
     # A large value goes to the store's thread: it would hold the loop too long.
-    big = step_write(run, "b", output='"' + "x" * (_writes.QUICK_BYTES + 1) + '"')
+    big = step_write(run, "b", output='"' + "x" * (_writes.QUICK_CHARS + 1) + '"')
     assert await file_store.apply([big]) == [True]
     assert threads[1] != threading.get_ident()
     assert [s.key for s in await file_store.get_steps(run.id)] == ["a", "b"]
@@ -146,3 +146,39 @@ async def test_the_wal_is_checkpointed_on_the_store_thread(
     assert pages == 1000  # a fresh connection's default: the setting is per connection
     assert await file_store._run(
         lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+
+
+async def test_a_closed_store_refuses_a_quick_write_and_stays_closed(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite:///{tmp_path / 'closed.db'}")
+    await store.migrate()
+    run = await running(store)
+    await store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.apply([step_write(run, "late")])
+    assert store._conn is None  # not reopened on the event loop
+
+
+async def test_a_write_whose_commit_fails_leaves_no_transaction_open(
+    file_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed COMMIT (e.g. SQLITE_BUSY on a filesystem without WAL) is
+    rolled back, so the same write can go again on the store's thread."""
+    run = await running(file_store)
+    real = file_store._connection()
+    failures = [sqlite3.OperationalError("database is locked")]
+
+    class CommitFailsOnce:
+        in_transaction = property(lambda self: real.in_transaction)
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            if sql == "COMMIT" and failures:
+                raise failures.pop()
+            return real.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    monkeypatch.setattr(file_store, "_connection", lambda: CommitFailsOnce())
+    assert await file_store.apply([step_write(run, "a")]) == [True]
+    assert not failures and not real.in_transaction
+    assert [s.key for s in await file_store.get_steps(run.id)] == ["a"]

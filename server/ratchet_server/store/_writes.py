@@ -152,13 +152,14 @@ def one_statement(d: _dialect.Dialect, writes: Sequence[model.FencedWrite]) -> b
 
 def quick(writes: Sequence[model.FencedWrite]) -> bool:
     """True for a batch small enough to apply without a thread hand-off where
-    the store allows it (`_run_quick`): a few step writes with small values."""
+    the store allows it (`_run_quick`): a few step writes with small values
+    (counted in characters: at most 256 KiB of UTF-8)."""
     steps = [w for w in writes if isinstance(w, model.StepWrite)]
-    return len(steps) == len(writes) <= QUICK_WRITES and sum(map(_size, steps)) <= QUICK_BYTES
+    return len(steps) == len(writes) <= QUICK_WRITES and sum(map(_size, steps)) <= QUICK_CHARS
 
 
 QUICK_WRITES = 4
-QUICK_BYTES = 64 * 1024
+QUICK_CHARS = 64 * 1024
 
 
 def _size(w: model.StepWrite) -> int:

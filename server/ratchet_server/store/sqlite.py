@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -46,6 +47,7 @@ class SqliteStore(SqlStore):
         # Held by whichever thread uses the connection.
         self._lock = threading.Lock()
         self._commits = 0
+        self._closed = False  # under the lock: no transaction may reopen it
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -62,6 +64,7 @@ class SqliteStore(SqlStore):
 
     def _transaction(self, fn: Callable[[Any], T]) -> T:
         with self._lock:
+            self._check_open()
             result = self._locked_transaction(fn)
             if self._commits >= CHECKPOINT_EVERY:
                 self._checkpoint()
@@ -72,12 +75,17 @@ class SqliteStore(SqlStore):
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(conn)
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # a failed statement or COMMIT: nothing stays half done
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         self._commits += 1
         return result
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("the store is closed (the coordinator is stopping)")
 
     def _checkpoint(self) -> None:
         """Copy the WAL back into the database (PASSIVE: readers and the
@@ -88,7 +96,8 @@ class SqliteStore(SqlStore):
 
     def _checkpoint_locked(self) -> None:
         with self._lock:
-            self._checkpoint()
+            if not self._closed:
+                self._checkpoint()
 
     async def _run(self, fn: Callable[[Any], T]) -> T:
         try:
@@ -103,6 +112,7 @@ class SqliteStore(SqlStore):
         if not self._lock.acquire(blocking=False):
             return await self._run(fn)  # the store's thread is busy: queue behind it
         try:
+            self._check_open()
             conn = self._connection()
             # Never wait on the event loop for another process's write lock
             # (a migration, `ratchet keys create`): the store's thread waits.
@@ -113,7 +123,10 @@ class SqliteStore(SqlStore):
                 conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             if self._commits >= CHECKPOINT_EVERY:
                 self._commits = 0
-                self._executor.submit(self._checkpoint_locked)
+                # The write has committed whatever happens here: a store
+                # shutting down just skips this checkpoint.
+                with contextlib.suppress(RuntimeError):
+                    self._executor.submit(self._checkpoint_locked)
             return result
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
@@ -125,8 +138,8 @@ class SqliteStore(SqlStore):
             raise translated from exc
         finally:
             self._lock.release()
-        # Busy: nothing was written (rolled back); the store's thread tries
-        # again, waiting up to busy_timeout.
+        # Busy: nothing was written (rolled back, or BEGIN refused); the
+        # store's thread tries again, waiting up to busy_timeout.
         return await self._run(fn)
 
     def _execute_script(self, conn: Any, script: str) -> None:
@@ -138,6 +151,7 @@ class SqliteStore(SqlStore):
     async def close(self) -> None:
         def shut() -> None:
             with self._lock:
+                self._closed = True
                 if self._conn is not None:
                     self._conn.close()
                     self._conn = None
