@@ -68,6 +68,7 @@ class RunsMixin(core.EngineBase):
         return found[:limit]
 
     async def cancel(self, env: str, run_id: str, reason: str = "") -> model.Run:
+        validate.text(reason, "reason", validate.MAX_REASON)
         run = await self.store.cancel_run(env, run_id, reason)
         if run is None:
             await self._refuse(env, run_id, "is already {status}")

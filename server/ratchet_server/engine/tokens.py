@@ -73,12 +73,13 @@ class TokensMixin(RunsMixin):
         if run is None:
             raise errors.NotFound(f"run {run_id!r} not found")
         known = {t.id for t in created}
+        now = clock.now()
         for step in await self.store.get_steps(run_id):
             if step.kind is not model.StepKind.TOKEN or not step.token_id:
                 continue
             if step.token_id in known or flt.tags:  # a run's own tokens carry no tags
                 continue
-            token = token_of_step(step, run)
+            token = token_of_step(step, run, now)
             if flt.statuses and token.status not in flt.statuses:
                 continue
             if cursor is not None and (token.created_at, token.id) >= cursor:
@@ -153,14 +154,21 @@ class TokensMixin(RunsMixin):
         return done
 
 
-def token_of_step(step: model.Step, run: model.Run) -> model.Token:
+def token_of_step(step: model.Step, run: model.Run, now: float) -> model.Token:
     """A token a run created itself (ctx.create_token), as a listing shows
-    it, from its token step: WAITING while the step runs (until its timeout,
-    the step's wake_at), COMPLETED with the data the step completed with,
-    TIMED_OUT when the step timed out. It has no secret, URL or tags."""
+    it at `now`, from its token step: WAITING while the step runs and its run
+    is not final (until its timeout, the step's wake_at), COMPLETED with the
+    data the step completed with, otherwise TIMED_OUT: the step timed out, its
+    timeout passed, or the run ended (canceled, timed out) before anyone
+    completed it. Either way completing it is refused. (TokenStatus has no
+    value of its own for a token whose run ended.) It has no secret, URL or
+    tags."""
     status = {model.StepStatus.RUNNING: model.TokenStatus.WAITING,
               model.StepStatus.COMPLETED: model.TokenStatus.COMPLETED}.get(
                   step.status, model.TokenStatus.TIMED_OUT)
+    if status is model.TokenStatus.WAITING and (
+            run.status.is_final or (step.wake_at is not None and step.wake_at <= now)):
+        status = model.TokenStatus.TIMED_OUT
     done = status is model.TokenStatus.COMPLETED
     return model.Token(
         id=step.token_id or "", env=run.env, secret="", status=status,

@@ -36,6 +36,8 @@ MAX_PRIORITY = 1000
 MAX_NAME = 256
 MAX_TAG = 128
 MAX_TAGS = 64
+# A cancel's reason: stored in the run's history and shown by `runs show`.
+MAX_REASON = 1024
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_BYTES = 64 * 1024
 MAX_RETRY_ATTEMPTS = 100_000
