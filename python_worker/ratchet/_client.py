@@ -16,6 +16,7 @@ from ratchet._codec import (
     duration,
     event_from_pb,
     from_json,
+    retry_from_pb,
     run_from_pb,
     timestamp,
     to_json,
@@ -88,11 +89,13 @@ class Client:
         (`run.created` is False) and starts nothing: that run keeps its own
         payload and options, whatever this call passed. Raises NotFoundError
         for a task no worker has registered, InvalidArgumentError for a payload that does not fit.
-        `queue` and `concurrency_key` are not supported yet: setting either
-        raises NotSupportedError (nothing is sent).
+        `queue` and `concurrency_key` are not supported yet: a queue other than
+        the task id, or any concurrency key, raises NotSupportedError (nothing
+        is sent).
         """
-        options = trigger_options(idempotency_key, idempotency_key_ttl, delay, ttl, priority,
-                                  queue, concurrency_key, tags, metadata, retry, max_duration)
+        options = trigger_options(_task_id(task), idempotency_key, idempotency_key_ttl, delay,
+                                  ttl, priority, queue, concurrency_key, tags, metadata, retry,
+                                  max_duration)
         response = await self._call(self._runs.Trigger, run_pb2.TriggerRequest(
             task_id=_task_id(task), payload=to_json(payload), options=options))
         return run_from_pb(response.run, created=response.created)
@@ -110,8 +113,9 @@ class Client:
         items = []
         for p in payloads:
             item = p if isinstance(p, BatchItem) else BatchItem(p)
-            options = trigger_options(item.idempotency_key, item.idempotency_key_ttl, None, None,
-                                      priority, None, None, tags, None, None, None)
+            options = trigger_options(_task_id(task), item.idempotency_key,
+                                      item.idempotency_key_ttl, None, None, priority, None,
+                                      None, tags, None, None, None)
             items.append(run_pb2.BatchTriggerItem(task_id=_task_id(task),
                                                   payload=to_json(item.payload), options=options))
         response = await self._call(self._runs.BatchTrigger,
@@ -352,14 +356,8 @@ def _schema(raw: bytes) -> Any:
 
 
 def _task_info_from_pb(pb: run_pb2.TaskInfo) -> TaskInfo:
-    r = pb.retry
-    retry = Retry(
-        max_attempts=None if r.unlimited_attempts else (r.max_attempts or 3),
-        factor=r.factor or 2.0, min_delay=r.min_delay.ToNanoseconds() / 1e9,
-        max_delay=r.max_delay.ToNanoseconds() / 1e9, jitter=r.jitter,
-        max_lease_losses=r.max_lease_losses or 10, rerun_failed_steps=r.rerun_failed_steps)
     return TaskInfo(
-        id=pb.id, version=pb.version, queue=pb.queue, retry=retry,
+        id=pb.id, version=pb.version, queue=pb.queue, retry=retry_from_pb(pb.retry),
         payload_schema=_schema(pb.payload_schema), output_schema=_schema(pb.output_schema),
         max_duration=(pb.max_duration.ToNanoseconds() / 1e9
                       if pb.HasField("max_duration") else None),

@@ -121,6 +121,17 @@ def retry_to_pb(retry: Retry) -> common_pb2.RetryPolicy:
         rerun_failed_steps=retry.rerun_failed_steps)
 
 
+def retry_from_pb(pb: common_pb2.RetryPolicy) -> Retry:
+    """A policy as the coordinator sends it: resolved, every field set (a
+    zero the policy cannot hold is refused by Retry, not replaced by a
+    default the coordinator did not use)."""
+    return Retry(
+        max_attempts=None if pb.unlimited_attempts else pb.max_attempts, factor=pb.factor,
+        min_delay=pb.min_delay.ToNanoseconds() / 1e9, max_delay=pb.max_delay.ToNanoseconds() / 1e9,
+        jitter=pb.jitter, max_lease_losses=pb.max_lease_losses,
+        rerun_failed_steps=pb.rerun_failed_steps)
+
+
 def error_from_pb(pb: common_pb2.ErrorInfo) -> RunError:
     return RunError(type=pb.type, message=pb.message, stack=pb.stack,
                     non_retryable=pb.non_retryable, step_key=pb.step_key, attempt=pb.attempt)
@@ -194,25 +205,27 @@ def event_from_pb(pb: run_pb2.RunEvent) -> RunEvent:
 
 QUEUE_NOT_SUPPORTED = (
     "queue= is not supported yet: runs are dispatched by task id, each task is its own "
-    "queue; leave queue unset (to keep workloads apart, make them separate tasks served by "
-    "separate workers)")
+    "queue; leave queue unset or set it to the task id (to keep workloads apart, make "
+    "them separate tasks served by separate workers)")
 CONCURRENCY_KEY_NOT_SUPPORTED = (
     "concurrency_key= is not supported yet: runs are not limited per key; leave it unset "
     "(to bound how many runs execute at once, use the worker's slots: ratchet worker --slots)")
 
 
 def trigger_options(
-    idempotency_key: str | None, idempotency_key_ttl: float | None, delay: float | None,
-    ttl: float | None, priority: int, queue: str | None, concurrency_key: str | None,
-    tags: Sequence[str], metadata: Mapping[str, str] | None, retry: Retry | None,
-    max_duration: float | None,
+    task_id: str, idempotency_key: str | None, idempotency_key_ttl: float | None,
+    delay: float | None, ttl: float | None, priority: int, queue: str | None,
+    concurrency_key: str | None, tags: Sequence[str], metadata: Mapping[str, str] | None,
+    retry: Retry | None, max_duration: float | None,
 ) -> run_pb2.TriggerOptions:
     """Trigger options as the protocol carries them (None and empty = unset).
 
     Raises NotSupportedError for `queue` and `concurrency_key`: the protocol
     carries them, but the coordinator does not act on them yet (and refuses them).
+    The one queue there is, the task's own (`task_id`), is accepted, as the
+    coordinator accepts it.
     """
-    if queue:
+    if queue and queue != task_id:
         raise NotSupportedError(QUEUE_NOT_SUPPORTED)
     if concurrency_key:
         raise NotSupportedError(CONCURRENCY_KEY_NOT_SUPPORTED)

@@ -470,7 +470,7 @@ class Context:
         steps.forward(key)
         if record is None or record.status == common_pb2.STEP_STATUS_FAILED:
             opts = trigger_options(
-                None, None, options.get("delay"), options.get("ttl"),
+                task_id, None, None, options.get("delay"), options.get("ttl"),
                 options.get("priority", 0), options.get("queue"), options.get("concurrency_key"),
                 options.get("tags", ()), options.get("metadata"), options.get("retry"),
                 options.get("max_duration"))

@@ -53,6 +53,11 @@ class ServerCLIError(ValueError):
     """Reported by the CLI as one line (a ValueError, which the CLI prints)."""
 
 
+class ServerUsageError(ServerCLIError):
+    """A bad option value found after parsing: the CLI exits 2, as for
+    argparse's own usage errors."""
+
+
 async def _keys(args: argparse.Namespace) -> int:
     """`keys create`, `keys list`, `keys revoke`: straight on the store, so an
     operator can manage keys while no coordinator runs."""
@@ -175,9 +180,10 @@ def check_listen(address: str, flag: str) -> None:
     try:
         port = int(port_text)
     except ValueError:
-        raise ServerCLIError(f"{flag} {address!r} is not HOST:PORT") from None
+        raise ServerUsageError(f"{flag} {address!r} is not HOST:PORT") from None
     if not 0 <= port <= 65535:
-        raise ServerCLIError(f"{flag}: port {port} is out of range (1-65535)")
+        raise ServerUsageError(f"{flag}: port {port} is out of range: use 0-65535 "
+                               "(0 = any free port)")
     if port == 0:
         return  # any free port
     try:

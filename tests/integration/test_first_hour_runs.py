@@ -71,8 +71,10 @@ async def test_a_run_waiting_on_a_token_then_canceled(cluster: Cluster, tmp_path
     assert not completed and "CANCELED" in why and "nothing changed" in why, why
     cli = await run_cli_async("tokens", "complete", token, "--data", '{"ok": true}',
                               env=cluster.cli_env())
-    assert cli.returncode == 0 and "CANCELED" in cli.stdout, cli.stdout
-    assert "already completed or timed out" not in cli.stdout
+    # A no-op is a failure (`tokens complete T && next` must stop): the reason on stderr.
+    assert cli.returncode == 1 and cli.stdout == "", cli
+    [line] = cli.stderr.splitlines()
+    assert "CANCELED" in line and "already completed or timed out" not in line, line
 
 
 async def test_a_run_waiting_on_sleeping_children_then_canceled(cluster: Cluster) -> None:

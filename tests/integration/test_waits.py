@@ -89,7 +89,8 @@ async def test_token_completed_by_cli_resumes_the_run(cluster: Cluster, tmp_path
     assert final.output == {"approved": True, "decision": {"by": "ana"}}
     assert final.attempt == 1
     again = await run_cli_async("tokens", "complete", token, "--data", '{"by": "bo"}', env=env)
-    assert again.returncode == 0 and "nothing changed" in again.stdout
+    assert again.returncode == 1 and "nothing changed" in again.stderr, again  # a no-op fails
+    assert again.stdout == ""
     assert (await client.get(run.id)).output == final.output  # the second changed nothing
     assert count_lines(tmp_path / "decided") == 1
     unknown = await run_cli_async("tokens", "complete", "tok_nope", env=env)

@@ -54,7 +54,7 @@ def test_unreachable_coordinator(args: tuple[str, ...]) -> None:
     started = time.monotonic()
     done = ratchet(*args, "--coordinator", CLOSED)
     assert time.monotonic() - started < 35
-    assert_one_line_error(done, "UNAVAILABLE")
+    assert_one_line_error(done, f"cannot reach the coordinator at {CLOSED}", "ratchet dev")
     assert done.returncode == 1
 
 

@@ -11,9 +11,10 @@ import pytest
 
 import ratchet
 from ratchet import Context, NotSupportedError, Retry, StepFailedError
-from ratchet._codec import error_from_exception, trigger_options
+from ratchet._client import _task_info_from_pb
+from ratchet._codec import error_from_exception, retry_from_pb, retry_to_pb, trigger_options
 from ratchet._session import TOO_LARGE_HINT
-from ratchet.v1 import worker_pb2
+from ratchet.v1 import run_pb2, worker_pb2
 from ratchet_server.engine import errors, validate
 from ratchet_server.engine.core import TriggerSpec
 
@@ -153,8 +154,62 @@ async def test_child_triggers_refuse_them(option: dict[str, str], says: str) -> 
         await ctx.batch_trigger_and_wait("child", [{}], **option)
 
 
+def test_the_task_id_is_accepted_as_its_queue() -> None:
+    """As @ratchet.task and the coordinator accept it: each task is its own queue."""
+    assert trigger_options("t", None, None, None, None, 0, "t", None, (), None, None,
+                           None).queue == "t"
+    with pytest.raises(NotSupportedError, match="queue= is not supported yet"):
+        trigger_options("t", None, None, None, None, 0, "other", None, (), None, None, None)
+
+
+class Sends(Journal):
+    """Records the child triggers sent, each one child run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[worker_pb2.TriggerChildren] = []
+
+    async def trigger_children(self, request: worker_pb2.TriggerChildren) -> list[str]:
+        self.sent.append(request)
+        return ["run_child"]
+
+
+async def test_client_and_child_triggers_accept_the_task_id_as_queue() -> None:
+    journal = Sends()
+    ctx = make_ctx(journal)
+    with pytest.raises(NotSupportedError, match="queue="):
+        await ctx.trigger("child", {}, queue="other")
+    await ctx.trigger("child", {}, queue="child")
+    [sent] = journal.sent
+    assert sent.items[0].task_id == "child" and sent.items[0].options.queue == "child"
+    # Nothing listens on port 1: the call gets past the check to the network.
+    async with ratchet.Client("127.0.0.1:1") as client:
+        with pytest.raises(ratchet.UnavailableError):
+            await client.trigger("t", {}, queue="t")
+
+
+@pytest.mark.parametrize("retry", [
+    Retry(), Retry(max_attempts=None, factor=1.0, min_delay=0.0, max_delay=0.0),
+    Retry(max_attempts=1, factor=3.5, min_delay=0.25, max_delay=9.0, jitter=False,
+          max_lease_losses=1, rerun_failed_steps=True),
+])
+def test_a_task_retry_policy_reads_as_sent(retry: Retry) -> None:
+    assert retry_from_pb(retry_to_pb(retry)) == retry
+    info = _task_info_from_pb(run_pb2.TaskInfo(id="t", retry=retry_to_pb(retry)))
+    assert info.retry == retry
+
+
+def test_a_zero_retry_field_is_not_replaced_by_a_default() -> None:
+    """The coordinator sends resolved policies: a zero is its bug, not a
+    value to guess (the client used to show 3 attempts, x2, 10 lease losses)."""
+    sent = retry_to_pb(Retry())
+    sent.max_lease_losses = 0
+    with pytest.raises(ValueError, match="max_lease_losses"):
+        _task_info_from_pb(run_pb2.TaskInfo(id="t", retry=sent))
+
+
 def test_empty_options_are_unset() -> None:
-    opts = trigger_options(None, None, None, None, 0, "", "", (), None, None, None)
+    opts = trigger_options("t", None, None, None, None, 0, "", "", (), None, None, None)
     assert opts.queue == "" and opts.concurrency_key == ""
 
 

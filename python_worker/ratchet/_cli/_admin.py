@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from ratchet._cli._common import client_args
+from ratchet._cli._common import CLIError, UsageError, client_args
 from ratchet._client import Client
 from ratchet._retry import Retry
 from ratchet._types import TaskInfo, WorkerInfo
@@ -41,8 +41,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                     "coordinator, oldest first: session id, worker id, tasks, slots used "
                     "and free, and when the coordinator last heard from the worker. "
                     + _SCOPE)
-    p.add_argument("--task", default=None,
+    p.add_argument("task", nargs="?", default=None,
                    help="show only the sessions serving this task id (default: all)")
+    p.add_argument("--task", dest="task_option", default=None, metavar="TASK",
+                   help="the same as the TASK argument (default: all)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON array of sessions (default: a table)")
     client_args(p)
@@ -52,17 +54,24 @@ async def run(args: argparse.Namespace) -> int:
     async with Client(args.coordinator, api_key=args.api_key) as client:
         if args.command == "tasks":
             tasks = await client.tasks(args.task)
+            if args.task and not tasks:  # like `runs show` of an unknown run: a failure
+                raise CLIError(f"task {args.task!r} is not registered in this environment: "
+                               "start a worker that serves it (ratchet worker MODULE)")
             workers = await client.workers()
             if args.json:
                 print(json.dumps([t.to_dict() for t in tasks], indent=2))
             else:
-                _print_tasks(tasks, workers, args.task)
+                _print_tasks(tasks, workers)
         else:
-            found = await client.workers(args.task)
+            if args.task and args.task_option and args.task != args.task_option:
+                raise UsageError(f"two tasks given ({args.task!r} and --task "
+                                 f"{args.task_option!r}): give one")
+            task = args.task or args.task_option
+            found = await client.workers(task)
             if args.json:
                 print(json.dumps([w.to_dict() for w in found], indent=2))
             else:
-                _print_workers(found, args.task)
+                _print_workers(found, task)
     return 0
 
 
@@ -74,12 +83,9 @@ def _console() -> Console:
     return console
 
 
-def _print_tasks(tasks: Sequence[TaskInfo], workers: Sequence[WorkerInfo],
-                 only: str | None) -> None:
+def _print_tasks(tasks: Sequence[TaskInfo], workers: Sequence[WorkerInfo]) -> None:
     if not tasks:
-        print(f"task {only!r} is not registered in this environment: start a worker that "
-              "serves it (ratchet worker MODULE)" if only else
-              "no tasks registered in this environment: start a worker "
+        print("no tasks registered in this environment: start a worker "
               "(ratchet worker MODULE)")
         return
     worker_of = {w.session_id: w.worker_id for w in workers}

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ratchet._cli._common import CLIError, duration, timing_args
+from ratchet._cli._common import CLIError, UsageError, duration, timing_args
 from ratchet._task import Task
 
 COMMANDS = ("dev", "server", "migrate", "keys")
@@ -116,4 +116,7 @@ async def run(args: argparse.Namespace,
     except ImportError as exc:
         raise CLIError(f"`ratchet {args.command}` needs the server extra "
                        f"(pip install 'ratchet[server]'): {exc}") from None
-    return await server_cli.run(args, load_tasks)
+    try:
+        return await server_cli.run(args, load_tasks)
+    except server_cli.ServerUsageError as exc:
+        raise UsageError(str(exc)) from None

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 from ratchet._cli import _admin, _coordinator, _runs, _serve, _tokens, _trigger
 from ratchet._cli._common import CLIError, Parser, UsageError
-from ratchet._errors import RatchetError
+from ratchet._errors import RatchetError, UnavailableError
+from ratchet._worker import DEFAULT_COORDINATOR
 
 EXIT_STDOUT_CLOSED = 128 + 13  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
 
@@ -93,6 +94,11 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"ratchet: {exc}", file=sys.stderr)
         return 2
     except (CLIError, RatchetError, OSError, ValueError) as exc:
+        if isinstance(exc, UnavailableError) and _is_client_verb(args):
+            print(f"ratchet: cannot reach the coordinator at {_coordinator_address(args)}: "
+                  "start one (`ratchet dev`) or point --coordinator / $RATCHET_COORDINATOR "
+                  "at it", file=sys.stderr)
+            return 1
         if args.verbose and isinstance(exc, _serve.UserCodeError):
             print(exc.traceback(), end="", file=sys.stderr)
         print(f"ratchet: {exc}", file=sys.stderr)
@@ -102,6 +108,18 @@ def _main(argv: Sequence[str] | None) -> int:
     except Exception as exc:  # last resort: still one line
         print(f"ratchet: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def _is_client_verb(args: argparse.Namespace) -> bool:
+    """A verb that calls a coordinator once (not one that runs a coordinator
+    or a worker, which reconnects on its own)."""
+    return args.command not in _coordinator.COMMANDS and args.command != "worker"
+
+
+def _coordinator_address(args: argparse.Namespace) -> str:
+    """The address a client verb dialled, resolved as Client resolves it."""
+    return (getattr(args, "coordinator", None) or os.environ.get("RATCHET_COORDINATOR")
+            or DEFAULT_COORDINATOR)
 
 
 async def _dispatch(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from ratchet._cli._common import JSON_FORMS, client_args, duration, payload
+from ratchet._cli._common import JSON_FORMS, CLIError, client_args, duration, payload
 from ratchet._client import Client
 from ratchet._types import Token
 
@@ -20,7 +20,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     ).add_subparsers(dest="tokens_command", required=True, metavar="COMMAND")
     p = tokens.add_parser("complete", help="complete a wait token, waking its run",
                           description="Deliver data to a wait token; the run waiting on "
-                                      "it resumes with the data.")
+                                      "it resumes with the data. Exit status 1 when "
+                                      "nothing changed (the token was completed or timed "
+                                      "out before, or its run is final): the "
+                                      "coordinator's reason is printed on stderr.")
     p.add_argument("token", help="the token's id (see `tokens list --run RUN`)")
     p.add_argument("--data", default="null",
                    help=f"what the waiting task receives: {JSON_FORMS} (default null; "
@@ -77,7 +80,9 @@ async def run(args: argparse.Namespace) -> int:
             if completed:
                 print(f"{args.token} completed")
             else:  # the coordinator says why: completed or timed out before, or run final
-                print(f"{args.token}: {why or 'already completed or timed out; nothing changed'}")
+                # A failure, so `tokens complete T && next-step` stops on a no-op.
+                raise CLIError(f"{args.token}: "
+                               f"{why or 'already completed or timed out; nothing changed'}")
         elif args.tokens_command == "create":
             token = await client.create_token(timeout=args.timeout, tags=args.tag,
                                               idempotency_key=args.idempotency_key)
