@@ -97,3 +97,47 @@ async def test_a_runs_own_token_past_its_timeout_is_filtered_as_timed_out(
         "tok_open": model.TokenStatus.WAITING}
     assert await listed(engine, run, model.TokenStatus.TIMED_OUT) == {
         "tok_late": model.TokenStatus.TIMED_OUT}
+
+
+async def fail_and_lease_again(engine: Engine, s: Session, run: model.Run) -> model.Run:
+    assert run.lease_id is not None
+    await engine.complete_failure(s, run_id=run.id, lease_id=run.lease_id,
+                                  error=model.ErrorInfo(type="E", message="boom"), state=None,
+                                  retry_after=0)
+    [item] = await engine.store.lease_ready(env=ENV, task_ids=("t",), limit=1, owner=s.id,
+                                            nonce=new_id("n"), ttl=60.0)
+    return item.run
+
+
+async def canceled_event_attempt(engine: Engine, run: model.Run) -> int:
+    events = await engine.store.get_events(run.id)
+    [event] = [e for e in events if e["type"] == model.EventType.CANCELED.value]
+    return int(event["attempt"])
+
+
+async def test_a_woken_then_canceled_run_reads_its_last_attempt(engine: Engine) -> None:
+    s, run = await leased(engine)
+    run = await fail_and_lease_again(engine, s, run)
+    assert run.attempt == 2 and run.lease_id is not None
+    await own_token(engine, s, run, "tok_w", "approve")
+    await engine.complete_suspended(s, run_id=run.id, lease_id=run.lease_id,
+                                    step_keys=["approve"], state=None)
+    completed, _, _ = await engine.complete_token(ENV, "tok_w", b"1")
+    woken = await engine.store.get_run(ENV, run.id)
+    assert completed and woken is not None and woken.status is model.RunStatus.QUEUED
+    canceled = await engine.cancel(ENV, run.id, "")
+    assert canceled.attempt == 2
+    assert await canceled_event_attempt(engine, run) == 2
+
+
+async def test_a_released_then_canceled_run_reads_its_last_attempt(engine: Engine) -> None:
+    s, run = await leased(engine)
+    assert run.lease_id is not None
+    await engine.release(s, run_id=run.id, lease_id=run.lease_id, reason="draining")
+    canceled = await engine.cancel(ENV, run.id, "")
+    assert canceled.attempt == 1
+    # The next attempt after a replay is counted from there.
+    await engine.replay(ENV, run.id, from_scratch=False)
+    [item] = await engine.store.lease_ready(env=ENV, task_ids=("t",), limit=1, owner=s.id,
+                                            nonce=new_id("n"), ttl=60.0)
+    assert item.run.attempt == 2

@@ -23,6 +23,7 @@ EXPECTED_COLUMNS = {
         "lease_id", "lease_owner", "lease_expires_at", "created_at", "started_at",
         "finished_at", "updated_at", "waiting_on", "expire_at", "deadline_at", "parent_step_key",
         "child_index", "replay_of", "discarded_at", "lease_losses", "final_error",
+        "attempt_given_back",
     },
     "steps": {
         "run_id", "key", "kind", "status", "attempts", "retry_base", "output", "error",

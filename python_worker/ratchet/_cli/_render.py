@@ -49,8 +49,13 @@ def lease_label(lease_id: str) -> str:
 def shown_attempt(run: Run) -> int:
     """The number of the run's last attempt. `Run.attempt` counts attempts
     against the retry budget, and a suspension (or a released or lost lease)
-    gives the attempt back: a WAITING run, or one queued again after its first
-    attempt was given back, ran one attempt more than it reads."""
+    gives the attempt back until the next lease: a WAITING run, or one queued
+    again after its first attempt was given back, ran one attempt more than it
+    reads. A final run reads its last attempt (the coordinator restores a
+    given-back attempt on cancel and time-out; the attempt-0 case also covers
+    runs ended by older coordinators). A run queued again after a later
+    attempt was given back (woken, or its lease lost) cannot be told from one
+    queued for a retry, and shows one less."""
     if run.status is RunStatus.WAITING or (run.attempt == 0 and run.started_at is not None):
         return run.attempt + 1
     return run.attempt

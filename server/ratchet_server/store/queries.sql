@@ -102,7 +102,8 @@ SELECT * FROM steps WHERE run_id IN {ids} ORDER BY run_id, created_at, key
 -- `run_at <= :now`; the rare others from runs_ready_priority; the n-th run
 -- in lease order goes to the n-th entry of :owners (a JSON list).
 UPDATE runs SET
-    status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || runs.id,
+    status = 'RUNNING', attempt = attempt + 1, attempt_given_back = 0,
+    lease_id = :nonce || '.' || runs.id,
     lease_owner = json_extract(:owners, '$[' || (chosen.n - 1) || ']'),
     lease_expires_at = :expires_at,
     started_at = COALESCE(started_at, :now), updated_at = :now,
@@ -170,7 +171,8 @@ WITH ready AS (
     LIMIT :limit
 ), leased AS (
     UPDATE runs SET
-        status = 'RUNNING', attempt = attempt + 1, lease_id = :nonce || '.' || runs.id,
+        status = 'RUNNING', attempt = attempt + 1, attempt_given_back = 0,
+        lease_id = :nonce || '.' || runs.id,
         lease_owner = (CAST(:owners AS text[]))[chosen.n],
         lease_expires_at = :expires_at,
         started_at = COALESCE(started_at, :now), updated_at = :now,
@@ -331,6 +333,7 @@ UPDATE runs SET
     state = COALESCE(:state, state),
     run_at = COALESCE(:run_at, run_at),
     attempt = attempt - :refund,
+    attempt_given_back = attempt_given_back + :refund,
     lease_losses = lease_losses + :losses,
     final_error = CASE WHEN :clear_final_error = 1 THEN NULL
                        ELSE COALESCE(:final_error, final_error) END,
@@ -364,7 +367,7 @@ RETURNING id, attempt
 -- to run its compensations and on-failure hook.
 UPDATE runs SET status = 'TIMED_OUT', finished_at = :now, updated_at = :now,
                 lease_expires_at = NULL, error = :error,
-                attempt = CASE WHEN status = 'WAITING' THEN attempt + 1 ELSE attempt END
+                attempt = attempt + attempt_given_back, attempt_given_back = 0
 WHERE id IN (
     SELECT id FROM runs
     WHERE status IN ('RUNNING', 'WAITING') AND deadline_at <= :now AND final_error IS NULL
@@ -383,18 +386,19 @@ WHERE parent_run_id = :run_id AND parent_step_key = :key
 ORDER BY child_index
 
 -- name: cancel_children
--- attempt: a WAITING run's suspension gave its attempt back; a final run reads
--- its last attempt (cancel_run, time_out_runs alike).
+-- attempt: an attempt given back (a suspension, a released or lost lease;
+-- attempt_given_back, set by the engine's refund_attempt) is restored, so a
+-- final run reads its last attempt (cancel_run, time_out_runs alike).
 UPDATE runs SET status = 'CANCELED', finished_at = :now, lease_expires_at = NULL,
                 updated_at = :now,
-                attempt = CASE WHEN status = 'WAITING' THEN attempt + 1 ELSE attempt END
+                attempt = attempt + attempt_given_back, attempt_given_back = 0
 WHERE parent_run_id = :parent AND status IN ('QUEUED', 'RUNNING', 'WAITING')
 RETURNING *
 
 -- name: cancel_run
 UPDATE runs SET status = 'CANCELED', finished_at = :now, lease_expires_at = NULL,
                 updated_at = :now,
-                attempt = CASE WHEN status = 'WAITING' THEN attempt + 1 ELSE attempt END
+                attempt = attempt + attempt_given_back, attempt_given_back = 0
 WHERE env = :env AND id = :id AND status IN ('QUEUED', 'RUNNING', 'WAITING')
 RETURNING *
 
@@ -541,6 +545,7 @@ UPDATE runs AS r SET
     state = COALESCE(v.state, r.state),
     run_at = COALESCE(v.run_at, r.run_at),
     attempt = r.attempt - v.refund,
+    attempt_given_back = r.attempt_given_back + v.refund,
     lease_losses = r.lease_losses + v.losses,
     final_error = CASE WHEN v.clear_final_error = 1 THEN NULL
                        ELSE COALESCE(v.final_error, r.final_error) END,
