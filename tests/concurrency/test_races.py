@@ -20,10 +20,11 @@ import pytest
 
 from ratchet import Retry
 from ratchet_server import model
-from ratchet_server.engine import errors, timers
-from ratchet_server.engine.engine import Engine, EngineConfig, Session, TriggerSpec
+from ratchet_server.engine import errors
+from ratchet_server.engine.engine import Engine, Session, TriggerSpec
 from ratchet_server.engine.ids import new_id
 from ratchet_server.store import Store
+from tests.concurrency._engine import running_engine
 from tests.harness import eventually
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
@@ -40,15 +41,8 @@ def task_def(task_id: str = "t", env: str = ENV, retry: Retry | None = None) -> 
 
 @pytest.fixture
 async def engine(pg_store: Store) -> AsyncIterator[Engine]:
-    eng = Engine(pg_store, EngineConfig(timer_interval=0.01, reconcile_interval=0,
-                                        lease_ttl=60.0))
-    await eng.start()
-    try:
+    async with running_engine(pg_store, timer_interval=0.01) as eng:
         yield eng
-    finally:
-        await asyncio.wait_for(eng.stop(), 10.0)
-        stuck = await timers.find_stuck(pg_store)
-        assert not stuck, [(s.run.id, s.why) for s in stuck]
 
 
 async def session(engine: Engine, env: str = ENV, *task_ids: str) -> Session:

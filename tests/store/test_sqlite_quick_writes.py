@@ -22,6 +22,10 @@ from tests.store.test_conformance import create, lease_one, new_run, step_write
 
 pytestmark = pytest.mark.timeout(60)
 
+# How long the store's thread or another connection holds the lock in the
+# tests where a write must wait without stalling the event loop.
+HOLD = 0.5
+
 
 @pytest.fixture
 async def file_store(tmp_path: Path) -> AsyncIterator[Any]:
@@ -87,7 +91,7 @@ async def test_a_step_write_waits_its_turn_while_the_store_thread_is_busy(
 
     def slow(conn: Any) -> str:
         started.set()
-        time.sleep(0.3)
+        time.sleep(HOLD)
         return str(conn.execute("SELECT count(*) FROM steps").fetchone()[0])
 
     busy = asyncio.ensure_future(file_store._run(slow))
@@ -95,7 +99,7 @@ async def test_a_step_write_waits_its_turn_while_the_store_thread_is_busy(
     written, stall = await longest_stall(file_store.apply([step_write(run, "a")]))
     assert written == [True]
     assert await busy == "0"  # the slow transaction did not see the write: it came after
-    assert stall < 0.15
+    assert stall < HOLD / 2  # blocking would stall the loop for about HOLD
     [step] = await file_store.get_steps(run.id)
     assert step.status is model.StepStatus.COMPLETED
 
@@ -109,7 +113,7 @@ async def test_a_step_write_never_holds_the_loop_for_another_process_write_lock(
     other = sqlite3.connect(tmp_path / "quick.db", isolation_level=None,
                             check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
-    release = threading.Timer(0.4, lambda: other.execute("COMMIT"))
+    release = threading.Timer(HOLD, lambda: other.execute("COMMIT"))
     release.start()
     try:
         written, stall = await longest_stall(file_store.apply([step_write(run, "a")]))
@@ -117,7 +121,7 @@ async def test_a_step_write_never_holds_the_loop_for_another_process_write_lock(
         release.join()
         other.close()
     assert written == [True]
-    assert stall < 0.15
+    assert stall < HOLD / 2  # blocking would stall the loop for about HOLD
     assert [s.key for s in await file_store.get_steps(run.id)] == ["a"]
 
 
