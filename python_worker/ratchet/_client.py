@@ -15,13 +15,13 @@ import grpc
 from ratchet._codec import (
     duration,
     event_from_pb,
-    from_json,
-    retry_from_pb,
     run_from_pb,
+    task_info_from_pb,
     timestamp,
     to_json,
     token_from_pb,
     trigger_options,
+    worker_from_pb,
 )
 from ratchet._errors import ClientError, RunFailedError, from_rpc_error
 from ratchet._retry import Retry
@@ -291,7 +291,7 @@ class Client:
         sessions of the coordinator answering that serve each now."""
         response = await self._call(self._runs.ListTasks, run_pb2.ListTasksRequest(
             task_id="" if task is None else _task_id(task)))
-        return [_task_info_from_pb(t) for t in response.tasks]
+        return [task_info_from_pb(t) for t in response.tasks]
 
     async def workers(self, task: Task[Any, Any] | str | None = None,
                       ) -> builtins.list[WorkerInfo]:
@@ -300,7 +300,7 @@ class Client:
         first. Sessions are not stored: with several coordinators, ask each."""
         response = await self._call(self._runs.ListWorkers, run_pb2.ListWorkersRequest(
             task_id="" if task is None else _task_id(task)))
-        return [_worker_from_pb(w) for w in response.workers]
+        return [worker_from_pb(w) for w in response.workers]
 
     async def wait(self, run_id: str, *, timeout: float | None = None) -> Run:
         """Wait until the run is final and return it (polling with backoff).
@@ -343,32 +343,3 @@ def _status_pb(status: RunStatus | str) -> int:
     except ValueError:
         raise ClientError("INVALID_ARGUMENT", f"unknown run status {status!r}") from None
     return int(common_pb2.RunStatus.Value(f"RUN_STATUS_{name}"))
-
-
-def _when(value: Any, present: bool) -> dt.datetime | None:
-    if not present:
-        return None
-    return dt.datetime.fromtimestamp(value.ToNanoseconds() / 1e9, tz=dt.UTC)
-
-
-def _schema(raw: bytes) -> Any:
-    return from_json(raw) if raw else None
-
-
-def _task_info_from_pb(pb: run_pb2.TaskInfo) -> TaskInfo:
-    return TaskInfo(
-        id=pb.id, version=pb.version, queue=pb.queue, retry=retry_from_pb(pb.retry),
-        payload_schema=_schema(pb.payload_schema), output_schema=_schema(pb.output_schema),
-        max_duration=(pb.max_duration.ToNanoseconds() / 1e9
-                      if pb.HasField("max_duration") else None),
-        registered_at=_when(pb.registered_at, pb.HasField("registered_at")),
-        served_by=tuple(pb.served_by))
-
-
-def _worker_from_pb(pb: run_pb2.WorkerSession) -> WorkerInfo:
-    return WorkerInfo(
-        session_id=pb.session_id, worker_id=pb.worker_id, task_ids=tuple(pb.task_ids),
-        slots=pb.slots, slots_used=pb.slots_used,
-        connected_at=_when(pb.connected_at, pb.HasField("connected_at")),
-        last_seen_at=_when(pb.last_seen_at, pb.HasField("last_seen_at")),
-        coordinator=pb.coordinator)

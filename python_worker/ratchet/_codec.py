@@ -22,7 +22,16 @@ from ratchet._errors import (
     WriteRefusedError,
 )
 from ratchet._retry import Retry
-from ratchet._types import Run, RunError, RunEvent, RunStatus, StepInfo, Token
+from ratchet._types import (
+    Run,
+    RunError,
+    RunEvent,
+    RunStatus,
+    StepInfo,
+    TaskInfo,
+    Token,
+    WorkerInfo,
+)
 from ratchet.v1 import common_pb2, run_pb2
 
 STEP_KINDS = {common_pb2.STEP_KIND_RUN: "run", common_pb2.STEP_KIND_SLEEP: "sleep",
@@ -243,3 +252,23 @@ def trigger_options(
     if max_duration is not None:
         opts.max_duration.CopyFrom(duration(max_duration))
     return opts
+
+
+def task_info_from_pb(pb: run_pb2.TaskInfo) -> TaskInfo:
+    return TaskInfo(
+        id=pb.id, version=pb.version, queue=pb.queue, retry=retry_from_pb(pb.retry),
+        payload_schema=from_json(pb.payload_schema) if pb.payload_schema else None,
+        output_schema=from_json(pb.output_schema) if pb.output_schema else None,
+        max_duration=(pb.max_duration.ToNanoseconds() / 1e9
+                      if pb.HasField("max_duration") else None),
+        registered_at=_dt(pb.registered_at, pb.HasField("registered_at")),
+        served_by=tuple(pb.served_by))
+
+
+def worker_from_pb(pb: run_pb2.WorkerSession) -> WorkerInfo:
+    return WorkerInfo(
+        session_id=pb.session_id, worker_id=pb.worker_id, task_ids=tuple(pb.task_ids),
+        slots=pb.slots, slots_used=pb.slots_used,
+        connected_at=_dt(pb.connected_at, pb.HasField("connected_at")),
+        last_seen_at=_dt(pb.last_seen_at, pb.HasField("last_seen_at")),
+        coordinator=pb.coordinator)

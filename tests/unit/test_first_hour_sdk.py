@@ -11,8 +11,13 @@ import pytest
 
 import ratchet
 from ratchet import Context, NotSupportedError, Retry, StepFailedError
-from ratchet._client import _task_info_from_pb
-from ratchet._codec import error_from_exception, retry_from_pb, retry_to_pb, trigger_options
+from ratchet._codec import (
+    error_from_exception,
+    retry_from_pb,
+    retry_to_pb,
+    task_info_from_pb,
+    trigger_options,
+)
 from ratchet._session import TOO_LARGE_HINT
 from ratchet.v1 import run_pb2, worker_pb2
 from ratchet_server.engine import errors, validate
@@ -195,7 +200,7 @@ async def test_client_and_child_triggers_accept_the_task_id_as_queue() -> None:
 ])
 def test_a_task_retry_policy_reads_as_sent(retry: Retry) -> None:
     assert retry_from_pb(retry_to_pb(retry)) == retry
-    info = _task_info_from_pb(run_pb2.TaskInfo(id="t", retry=retry_to_pb(retry)))
+    info = task_info_from_pb(run_pb2.TaskInfo(id="t", retry=retry_to_pb(retry)))
     assert info.retry == retry
 
 
@@ -205,7 +210,7 @@ def test_a_zero_retry_field_is_not_replaced_by_a_default() -> None:
     sent = retry_to_pb(Retry())
     sent.max_lease_losses = 0
     with pytest.raises(ValueError, match="max_lease_losses"):
-        _task_info_from_pb(run_pb2.TaskInfo(id="t", retry=sent))
+        task_info_from_pb(run_pb2.TaskInfo(id="t", retry=sent))
 
 
 def test_empty_options_are_unset() -> None:
