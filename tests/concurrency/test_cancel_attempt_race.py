@@ -17,7 +17,7 @@ from ratchet_server import model
 from ratchet_server.engine.engine import Engine, Session, TriggerSpec
 from ratchet_server.engine.ids import new_id
 from ratchet_server.store import Store
-from tests.concurrency._engine import running_engine
+from tests.engines import running_engine
 from tests.harness import eventually
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(60)]
@@ -28,7 +28,8 @@ ROUNDS = 50
 
 @pytest.fixture
 async def engine(pg_store: Store) -> AsyncIterator[Engine]:
-    async with running_engine(pg_store, timer_interval=60.0) as eng:
+    async with running_engine(pg_store, check_stuck=True, timer_interval=60.0,
+                              reconcile_interval=0, lease_ttl=60.0) as eng:
         yield eng
 
 

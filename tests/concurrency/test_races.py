@@ -24,7 +24,7 @@ from ratchet_server.engine import errors
 from ratchet_server.engine.engine import Engine, Session, TriggerSpec
 from ratchet_server.engine.ids import new_id
 from ratchet_server.store import Store
-from tests.concurrency._engine import running_engine
+from tests.engines import running_engine
 from tests.harness import eventually
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
@@ -41,7 +41,8 @@ def task_def(task_id: str = "t", env: str = ENV, retry: Retry | None = None) -> 
 
 @pytest.fixture
 async def engine(pg_store: Store) -> AsyncIterator[Engine]:
-    async with running_engine(pg_store, timer_interval=0.01) as eng:
+    async with running_engine(pg_store, check_stuck=True, timer_interval=0.01,
+                              reconcile_interval=0, lease_ttl=60.0) as eng:
         yield eng
 
 

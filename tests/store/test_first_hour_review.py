@@ -5,7 +5,6 @@ TIMED_OUT) and a status filter sees what the listing shows."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -15,9 +14,10 @@ import pytest
 from ratchet import Retry
 from ratchet_server import model
 from ratchet_server.engine import errors, validate
-from ratchet_server.engine.engine import Engine, EngineConfig, Session, TriggerSpec
+from ratchet_server.engine.engine import Engine, Session, TriggerSpec
 from ratchet_server.engine.ids import new_id
 from ratchet_server.store import Store
+from tests.engines import running_engine
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,12 +26,9 @@ ENV = "dev"
 
 @pytest.fixture
 async def engine(store: Store) -> AsyncIterator[Engine]:
-    e = Engine(store, EngineConfig(lease_ttl=30.0, timer_interval=60.0, reconcile_interval=0))
-    await e.start()
-    try:
+    async with running_engine(store, stop_within=5.0, lease_ttl=30.0, timer_interval=60.0,
+                              reconcile_interval=0) as e:
         yield e
-    finally:
-        await asyncio.wait_for(e.stop(), 5.0)
 
 
 async def leased(engine: Engine) -> tuple[Session, model.Run]:
